@@ -1,0 +1,160 @@
+"""Model directories on disk: safetensors weights, a JSON config, the tokenizer's own files.
+
+A model directory holds
+    config.json          {"format": ..., "format_version": 1, "config": {...}}
+    model.safetensors    every parameter, by its TransformerLens name
+    tokenizer/           the tokenizer, as `save_pretrained` writes it (optional)
+    training/            optimizer and trainer state, when written by `sparse-lens train`
+Nothing is unpickled on load. A directory is written beside its target and swapped in with
+renames, so a crash mid-write leaves the previous version intact (`latest_dir` finds it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from sparse_lens.model import SparseHookedTransformer
+
+FORMAT = "sparse_lens.SparseHookedTransformer"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+class CheckpointError(ValueError):
+    """A model directory that is missing, corrupt, or does not match the model."""
+
+
+def save_model(
+    model: SparseHookedTransformer,
+    path: str | Path,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write `model` as a model directory at `path`, atomically; `write_extra(tmp_dir)` may add
+    files (training state) to the same directory before it is swapped in."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                  "config": model.cfg.to_json_dict()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(header, indent=2))
+        save_tensors(dict(model.named_parameters()), tmp / WEIGHTS_FILE)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        if write_extra is not None:
+            write_extra(tmp)
+
+    write_dir_atomically(path, write)
+    return path
+
+
+def load_model(
+    cls: type[SparseHookedTransformer], path: str | Path, device: str | torch.device | None = None
+) -> SparseHookedTransformer:
+    """Build `cls` from the model directory at `path` (see the module docstring)."""
+    from sparse_lens.config import SparseHookedTransformerConfig
+    from sparse_lens.tokenizer import load_tokenizer
+
+    path = latest_dir(Path(path))
+    header = read_json(path / CONFIG_FILE)
+    if header.get("format") != FORMAT or "config" not in header:
+        raise CheckpointError(f"{path / CONFIG_FILE} is not a sparse_lens model config "
+                              f"(format {header.get('format')!r}, expected {FORMAT!r})")
+    if header.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer sparse_lens "
+                              f"(format_version {header['format_version']} > {FORMAT_VERSION})")
+    try:
+        cfg = SparseHookedTransformerConfig.from_json_dict(
+            header["config"], **({"device": str(device)} if device is not None else {}))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"invalid config in {path / CONFIG_FILE}: {err}") from err
+    tokenizer = load_tokenizer(path / TOKENIZER_DIR) if (path / TOKENIZER_DIR).is_dir() else None
+    model = cls(cfg, tokenizer=tokenizer)
+    load_parameters(model, load_tensors(path / WEIGHTS_FILE), source=path / WEIGHTS_FILE)
+    return model
+
+
+@torch.no_grad()
+def load_parameters(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy `tensors` into the model's parameters; every name and shape must match exactly."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match the model: missing {missing[:8]}"
+                              f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                              f"{' ...' if len(unexpected) > 8 else ''}")
+    for name, param in params.items():
+        if tensors[name].shape != param.shape:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"the model expects {tuple(param.shape)}")
+    for name, param in params.items():
+        param.copy_(tensors[name].to(param.device, param.dtype))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"corrupt weights file {path}: {err}") from err
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}: not a sparse_lens model directory")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"corrupt JSON in {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"corrupt JSON in {path}: expected an object")
+    return data
+
+
+def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp)` on a fresh sibling directory, then swap it in for `path`. Until the swap
+    the old directory is untouched; between the two renames it lives at `<path>.old`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = _sibling(path, "tmp"), _sibling(path, "old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_dir(path: Path) -> Path:
+    """`path`, or the previous version left at `<path>.old` by a crash between two renames."""
+    if not path.exists() and _sibling(path, "old").is_dir():
+        return _sibling(path, "old")
+    if not path.is_dir():
+        raise CheckpointError(f"no model directory at {path}")
+    return path
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    return path.with_name(f"{path.name}.{tag}")

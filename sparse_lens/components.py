@@ -1,0 +1,128 @@
+"""The TransformerLens components a weight-sparse transformer swaps in: AbsTopK at named locations.
+
+Each AbsTopK runs *before* the standard hook of its location fires (see `config.TOPK_LOCATIONS`),
+so `run_with_cache`, `ActivationCache.get_neuron_results`, head results from `hook_z` and every
+other TransformerLens helper see the sparse values the model really uses. With no location
+configured these components compute exactly what TransformerLens's own `Attention`, `MLP` and
+`TransformerBlock` compute.
+"""
+
+from __future__ import annotations
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from transformer_lens.components import Attention, TransformerBlock
+from transformer_lens.components.mlps.mlp import MLP
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities.addmm import batch_addmm
+from transformer_lens.utilities.attention import simple_attn_linear
+
+from sparse_lens.config import SparseHookedTransformerConfig
+
+
+def abs_topk(x: Float[torch.Tensor, "... dim"], k: int) -> Float[torch.Tensor, "... dim"]:
+    """Keep the `k` entries of largest |x| along the last axis, zero the rest (gradient flows
+    to the kept entries only). `k >= dim` returns `x` unchanged."""
+    if k >= x.shape[-1]:
+        return x
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+
+
+def maybe_topk(
+    cfg: SparseHookedTransformerConfig, location: str, x: Float[torch.Tensor, "... dim"]
+) -> Float[torch.Tensor, "... dim"]:
+    """AbsTopK over the last axis if `location` is configured, else `x`."""
+    return abs_topk(x, cfg.topk_k(x.shape[-1])) if cfg.topk_at(location) else x
+
+
+class SparseAttention(Attention):
+    """TransformerLens `Attention` with optional AbsTopK on q, k and v (over all heads' channels
+    of a token together) before `hook_q`/`hook_k`/`hook_v`."""
+
+    cfg: SparseHookedTransformerConfig
+
+    def calculate_qkv_matrices(self, query_input, key_input, value_input):  # type: ignore[override]
+        q = self._project("attn_q", query_input, self.W_Q, self.b_Q, self.hook_q)
+        k = self._project("attn_k", key_input, self.W_K, self.b_K, self.hook_k)
+        v = self._project("attn_v", value_input, self.W_V, self.b_V, self.hook_v)
+        return q, k, v
+
+    def _project(
+        self,
+        location: str,
+        x: Float[torch.Tensor, "batch pos d_model"],
+        W: Float[torch.Tensor, "head_index d_model d_head"],
+        b: Float[torch.Tensor, "head_index d_head"],
+        hook: HookPoint,
+    ) -> Float[torch.Tensor, "batch pos head_index d_head"]:
+        out = simple_attn_linear(x, W, b)
+        if self.cfg.topk_at(location):
+            flat = einops.rearrange(out, "batch pos head d_head -> batch pos (head d_head)")
+            flat = abs_topk(flat, self.cfg.topk_k(flat.shape[-1]))
+            out = einops.rearrange(flat, "batch pos (head d_head) -> batch pos head d_head",
+                                   head=out.shape[2])
+        return hook(out)
+
+
+class SparseMLP(MLP):
+    """TransformerLens `MLP` with optional AbsTopK on the neurons before `hook_post`."""
+
+    cfg: SparseHookedTransformerConfig
+
+    def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        pre_act = self.hook_pre(batch_addmm(self.b_in, self.W_in, x))  # [batch, pos, d_mlp]
+        post_act = self.hook_post(maybe_topk(self.cfg, "mlp_neuron", self.act_fn(pre_act)))
+        return batch_addmm(self.b_out, self.W_out, post_act)
+
+
+class SparseTransformerBlock(TransformerBlock):
+    """A pre-norm block whose attention and MLP read through their own hooks:
+
+    resid_pre -> ln1 -> [AbsTopK attn_in] -> hook_attn_read -> attn -> [attn_out] -> hook_attn_out
+    resid_mid = [resid_post_attn](resid_pre + attn_out) -> hook_resid_mid
+    resid_mid -> ln2 -> [mlp_in] -> hook_mlp_read -> mlp -> [mlp_out] -> hook_mlp_out
+    resid_post = [resid_post_mlp](resid_mid + mlp_out) -> hook_resid_post
+
+    `hook_attn_read` and `hook_mlp_read` ([batch, pos, d_model]) are the residual channels where
+    the block reads; `hook_attn_out` and `hook_mlp_out` where it writes. The norm runs once per
+    block (TransformerLens's block runs ln1 three times, once for each of q, k and v input).
+    """
+
+    cfg: SparseHookedTransformerConfig
+
+    def __init__(self, cfg: SparseHookedTransformerConfig, block_index: int):
+        super().__init__(cfg, block_index)
+        self.attn = SparseAttention(cfg, "global", block_index)
+        self.mlp = SparseMLP(cfg)
+        self.hook_attn_read = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_read = HookPoint()  # [batch, pos, d_model]
+
+    def forward(
+        self,
+        resid_pre: Float[torch.Tensor, "batch pos d_model"],
+        shortformer_pos_embed: None = None,
+        past_kv_cache_entry=None,
+        attention_mask: Int[torch.Tensor, "batch offset_pos"] | None = None,
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        if self.cfg.use_split_qkv_input or self.cfg.use_attn_in or self.cfg.use_hook_mlp_in:
+            raise NotImplementedError(
+                "SparseHookedTransformer does not support use_split_qkv_input, use_attn_in or "
+                "use_hook_mlp_in; hook blocks.{L}.hook_attn_read / hook_mlp_read instead"
+            )
+        cfg = self.cfg
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_read = self.hook_attn_read(maybe_topk(cfg, "attn_in", self.ln1(resid_pre)))
+        attn_out = self.attn(
+            query_input=attn_read,
+            key_input=attn_read,
+            value_input=attn_read,
+            past_kv_cache_entry=past_kv_cache_entry,
+            attention_mask=attention_mask,
+        )
+        attn_out = self.hook_attn_out(maybe_topk(cfg, "attn_out", attn_out))
+        resid_mid = self.hook_resid_mid(maybe_topk(cfg, "resid_post_attn", resid_pre + attn_out))
+        mlp_read = self.hook_mlp_read(maybe_topk(cfg, "mlp_in", self.ln2(resid_mid)))
+        mlp_out = self.hook_mlp_out(maybe_topk(cfg, "mlp_out", self.mlp(mlp_read)))
+        return self.hook_resid_post(maybe_topk(cfg, "resid_post_mlp", resid_mid + mlp_out))

@@ -1,0 +1,135 @@
+"""Training: it learns real code, resumes bitwise, stops cleanly on NaN, trains the dense baseline."""
+
+import math
+
+import pytest
+import torch
+
+from sparse_lens import checkpoint, data, training
+from sparse_lens.config import SparseHookedTransformerConfig
+from sparse_lens.model import SparseHookedTransformer
+from sparse_lens.training import NonFiniteLossError, TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def corpus(tokenizer, tmp_path_factory):
+    """A deterministic slice of the standard library (the real default corpus, fewer files)."""
+    return data.load_corpus(None, tokenizer, max_files=120,
+                            cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def tiny_cfg(**overrides):
+    return SparseHookedTransformerConfig.preset("tiny", n_ctx=64, **overrides)
+
+
+def short(**overrides):
+    return TrainConfig(**{**dict(steps=40, batch_size=4, seq_len=32, eval_every=10,
+                                 eval_batches=2, checkpoint_every=10, lr=3e-3), **overrides})
+
+
+def test_training_on_the_stdlib_beats_the_unigram_baseline_and_is_sparse(corpus, tmp_path):
+    tc = TrainConfig(steps=300, batch_size=8, seq_len=64, eval_every=100, eval_batches=4,
+                     checkpoint_every=300, lr=3e-3)
+    result = train(tiny_cfg(weight_l0=1 / 8), tc, tmp_path / "run", corpus=corpus, progress=False)
+    first_val = result.history[0]["val_loss"]
+    assert result.val_loss < result.unigram_val_loss - 1.0, (result.val_loss, result.unigram_val_loss)
+    assert result.val_loss < first_val
+    table = result.model.weight_sparsity()
+    budget = (table.numel / 8).astype(int)
+    assert (table.nonzeros == budget.combine(table.floor_nonzeros, max)).all()
+    assert (table.min_nonzeros_per_unit >= 4).all()
+    # the run directory is a model directory holding the final weights
+    loaded = SparseHookedTransformer.from_pretrained(tmp_path / "run")
+    for (name, a), (_, b) in zip(result.model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_dense_baseline_uses_the_same_entry_point_and_stays_dense(corpus, tmp_path):
+    result = train(tiny_cfg().dense_counterpart(), short(steps=10), tmp_path / "dense",
+                   corpus=corpus, progress=False)
+    table = result.model.weight_sparsity()
+    assert (table.achieved_l0 > 0.99).all()
+    assert all(r["l0"] == 1.0 for r in result.history)
+
+
+def test_l0_is_annealed_over_the_first_half(corpus, tmp_path):
+    result = train(tiny_cfg(weight_l0=1 / 8), short(steps=40), tmp_path / "r", corpus=corpus,
+                   progress=False)
+    l0 = {r["step"]: r["l0"] for r in result.history}
+    assert l0[10] > l0[20] and l0[20] == pytest.approx(1 / 8) and l0[40] == pytest.approx(1 / 8)
+
+
+def test_resume_after_a_kill_gives_bitwise_identical_weights(corpus, tmp_path, monkeypatch):
+    cfg, tc = tiny_cfg(weight_l0=1 / 8), short(steps=40)
+    uninterrupted = train(cfg, tc, tmp_path / "a", corpus=corpus, progress=False).model
+
+    real_sample = data.sample_batch
+
+    def killed_at_step_25(tokens, batch_size, seq_len, step, seed):
+        if step == 25:
+            raise KeyboardInterrupt("killed")
+        return real_sample(tokens, batch_size, seq_len, step, seed)
+
+    monkeypatch.setattr(data, "sample_batch", killed_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tc, tmp_path / "b", corpus=corpus, progress=False)
+    monkeypatch.setattr(data, "sample_batch", real_sample)
+    assert checkpoint.read_json(tmp_path / "b" / "training" / "state.json")["step"] == 20
+    resumed = train(cfg, tc, tmp_path / "b", resume=True, corpus=corpus, progress=False)
+    for (name, a), (_, b) in zip(uninterrupted.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert [r["step"] for r in resumed.history] == [10, 20, 30, 40]
+
+
+def test_resume_with_different_settings_is_refused(corpus, tmp_path):
+    train(tiny_cfg(), short(steps=10), tmp_path / "r", corpus=corpus, progress=False)
+    with pytest.raises(ValueError, match="train.lr: saved 0.003, given 0.001"):
+        train(tiny_cfg(), short(steps=10, lr=1e-3), tmp_path / "r", resume=True, corpus=corpus,
+              progress=False)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    real_forward = SparseHookedTransformer.forward
+    calls = {"train": 0}
+
+    def nan_at_training_step_15(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 15:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(SparseHookedTransformer, "forward", nan_at_training_step_15)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 14.*\(step 10\)"):
+        train(tiny_cfg(), short(steps=40), tmp_path / "r", corpus=corpus, progress=False)
+    monkeypatch.setattr(SparseHookedTransformer, "forward", real_forward)
+    assert checkpoint.read_json(tmp_path / "r" / "training" / "state.json")["step"] == 10
+    kept = SparseHookedTransformer.from_pretrained(tmp_path / "r")
+    assert all(torch.isfinite(p).all() for p in kept.parameters())
+
+
+def test_gradient_rms_rescale_and_clip():
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.full((4,), 0.01)
+    assert training.rescale_grad_rms_([p], 1.0, "clip") == pytest.approx(0.01)
+    assert torch.allclose(p.grad, torch.full((4,), 0.01))
+    training.rescale_grad_rms_([p], 1.0, "rescale")
+    assert torch.allclose(p.grad, torch.ones(4))
+    p.grad = torch.tensor([math.inf, 0, 0, 0])
+    with pytest.raises(NonFiniteLossError):
+        training.rescale_grad_rms_([p], 1.0, "rescale")
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", -1), ("lr", 0.0),
+                                          ("grad_rms_mode", "sometimes"), ("anneal_end_frac", 1.5)])
+def test_invalid_train_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_cuda_asked_for_without_cuda_is_a_clear_error(corpus, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="cuda"):
+        train(tiny_cfg(), short(device="cuda"), tmp_path / "r", corpus=corpus, progress=False)
