@@ -13,6 +13,7 @@ each matrix, see `sparsity.py`), so the forward pass is the ordinary dense one.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,9 @@ class SparseHookedTransformer(HookedTransformer):
             # which wraps Hugging Face models; this class needs the former (see the design).
             warnings.filterwarnings("ignore", message="HookedTransformer is deprecated",
                                     category=DeprecationWarning)
+            # TransformerLens's set_tokenizer edits the tokenizer it is given (bos := eos):
+            # work on a copy so the caller's tokenizer is left as it was.
+            tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
             super().__init__(cfg, tokenizer, move_to_device=False,
                              default_padding_side=default_padding_side)
         self.blocks = nn.ModuleList(
@@ -92,6 +96,7 @@ class SparseHookedTransformer(HookedTransformer):
             self.hook_bigram_logits = HookPoint()  # [batch, pos, d_vocab_out]
         else:
             self.bigram = None
+        self._generation_tokens: list[torch.Tensor] | None = None
         if cfg.init_weights:
             self.init_weights()
         if move_to_device:
@@ -142,6 +147,9 @@ class SparseHookedTransformer(HookedTransformer):
             if not isinstance(input, torch.Tensor):
                 input = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
             tokens = input
+        elif tokens is None and self._generation_tokens:
+            # inside generate(): the tokens behind these residuals are the ones embedded so far
+            tokens = torch.cat(self._generation_tokens, dim=1)[:, -input.shape[1]:]
         elif tokens is None:
             raise ValueError("with a bigram table, start_at_layer needs tokens= for its logits")
         kwargs["tokens"] = tokens
@@ -155,6 +163,21 @@ class SparseHookedTransformer(HookedTransformer):
         if return_type == "both":
             return Output(logits, loss)
         raise ValueError(f"return_type must be logits, loss, both or None; got {return_type!r}")
+
+    def generate(self, *args, **kwargs):
+        """`HookedTransformer.generate`. With a bigram table the bigram logits need the tokens,
+        which TransformerLens's loop does not pass to `forward`; we record every call of
+        `self.embed` (the prompt, then each sampled token) and read them back in `forward`."""
+        if self.bigram is None:
+            return super().generate(*args, **kwargs)
+        tape: list[torch.Tensor] = []
+        handle = self.embed.register_forward_hook(lambda _m, inputs, _out: tape.append(inputs[0]))
+        self._generation_tokens = tape
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            handle.remove()
+            self._generation_tokens = None
 
     def bigram_logits(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_vocab_out"]:
         """The bigram table's row for each current token."""

@@ -4,7 +4,8 @@ import warnings
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import utilities as utils
 
 from sparse_lens.config import TOPK_LOCATIONS, SparseHookedTransformerConfig
 from sparse_lens.model import SparseHookedTransformer
@@ -118,11 +119,26 @@ def test_tokenizer_methods_and_generate(tokenizer):
     assert "".join(model.to_str_tokens("x = 'a'")) == "x = 'a'"
     out = model.generate("def f(x):", max_new_tokens=4, do_sample=False, verbose=False)
     assert isinstance(out, str) and out.startswith("def f(x):")
-    # the kv-cache path gives the same greedy continuation as recomputing everything
+    # a strong bigram table steers generation; with or without the kv cache, generate() must
+    # give the greedy continuation of full forward passes (which add the bigram logits)
+    with torch.no_grad():
+        model.bigram.normal_(0, 3.0)
     toks = model.to_tokens("import os\n")
-    a = model.generate(toks, max_new_tokens=5, do_sample=False, use_past_kv_cache=True, verbose=False)
-    b = model.generate(toks, max_new_tokens=5, do_sample=False, use_past_kv_cache=False, verbose=False)
-    assert torch.equal(a, b)
+    expected = toks
+    for _ in range(5):
+        nxt = model(expected)[:, -1].argmax(-1, keepdim=True)
+        expected = torch.cat([expected, nxt], dim=1)
+    for cache in (True, False):
+        out = model.generate(toks, max_new_tokens=5, do_sample=False, use_past_kv_cache=cache,
+                             verbose=False)
+        assert torch.equal(out, expected)
+    assert model._generation_tokens is None
+
+
+def test_the_model_leaves_the_callers_tokenizer_unchanged(tokenizer):
+    before = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+    make(tokenizer=tokenizer)
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == before
 
 
 def test_constructor_silences_only_its_own_deprecation_warning():
