@@ -43,6 +43,8 @@ def save_model(
 ) -> Path:
     """Write `model` as a model directory at `path`, atomically; `write_extra(tmp_dir)` may add
     files (training state) to the same directory before it is swapped in."""
+    from sparse_lens.tokenizer import save_tokenizer
+
     path = Path(path)
 
     def write(tmp: Path) -> None:
@@ -51,7 +53,7 @@ def save_model(
         (tmp / CONFIG_FILE).write_text(json.dumps(header, indent=2))
         save_tensors(dict(model.named_parameters()), tmp / WEIGHTS_FILE)
         if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            save_tokenizer(model.tokenizer, tmp / TOKENIZER_DIR)
         if write_extra is not None:
             write_extra(tmp)
 

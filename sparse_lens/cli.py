@@ -35,12 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prune", help="prune a trained model to the circuit of a task (or all)",
+                       description="Prune a model to the smallest set of nodes that solves a task, "
+                       "everything else mean-ablated; save each circuit and a summary table.")
+    p.add_argument("--model", type=Path, required=True, help="model directory (from `train`)")
+    p.add_argument("--task", default="all", help="a task name, or all (default)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default <model>/circuits)")
+    p.add_argument("--steps", type=int, default=None, help="mask-optimisation steps")
+    p.add_argument("--target-loss", type=float, default=None)
+    p.add_argument("--k-coef", type=float, default=None, help="penalty per kept node")
+    p.add_argument("--calibrate", action="store_true", help="fit a logit scale and bias (LBFGS)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--no-verify", action="store_true", help="skip the verification table")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sparse_lens.config import SparseHookedTransformerConfig
-    from sparse_lens.training import TrainConfig, train
+    from sparse_lens.training import NonFiniteLossError, TrainConfig, train
 
     overrides = {} if args.weight_l0 is None else {"weight_l0": args.weight_l0}
     if args.dense:
@@ -55,7 +71,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     kind = "dense baseline" if not model_cfg.is_weight_sparse else f"weight L0 {model_cfg.weight_l0:.4g}"
     print(f"training {args.preset} ({kind}) for {tc.steps} steps of {tc.batch_size} x "
           f"{tc.seq_len or model_cfg.n_ctx} tokens on {'the standard library' if not tc.sources else tc.sources}")
-    result = train(model_cfg, tc, out, resume=args.resume, progress=not args.no_progress)
+    try:
+        result = train(model_cfg, tc, out, resume=args.resume, progress=not args.no_progress)
+    except NonFiniteLossError as err:
+        print(f"sparse-lens train: stopped: {err}", file=sys.stderr)
+        return 1
     table = result.model.weight_sparsity()
     print(f"saved to {result.out_dir}")
     print(f"validation loss {result.val_loss:.4f} nats/token "
@@ -68,8 +88,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from sparse_lens.hooks import node_means_for
+    from sparse_lens.model import SparseHookedTransformer
+    from sparse_lens.pruning import PruneConfig, prune
+    from sparse_lens.tasks import list_tasks
+
+    tasks = list_tasks() if args.task == "all" else [args.task]
+    unknown = [t for t in tasks if t not in list_tasks()]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; known tasks: {', '.join(list_tasks())}, or all")
+    model = SparseHookedTransformer.from_pretrained(args.model, device=args.device)
+    fields = dict(steps=args.steps, target_loss=args.target_loss, k_coef=args.k_coef, seed=args.seed)
+    config = PruneConfig(**{k: v for k, v in fields.items() if v is not None},
+                         calibrate=args.calibrate, progress=not args.no_progress)
+    out = args.out or args.model / "circuits"
+    means = node_means_for(model, args.model, n_tokens=config.mean_tokens)
+    rows = []
+    for task in tasks:
+        circuit = prune(model, task, config, means=means)
+        circuit.save(out / task)
+        print(circuit)
+        row = circuit.summary()
+        if not args.no_verify:
+            table = circuit.verify().set_index("condition")
+            print(table.round(4).to_string())
+            row.update(ablated_loss=table.loc["circuit ablated", "task_loss"],
+                       random_loss=table.iloc[-1]["task_loss"])
+        rows.append(row)
+        print()
+    summary = pd.DataFrame(rows)
+    summary.to_csv(out / "summary.csv", index=False)
+    print(summary.round(4).to_string(index=False))
+    print(f"circuits and summary.csv written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -173,7 +173,7 @@ def _topk_flat_indices(scores: Float[torch.Tensor, " n"], r: int) -> torch.Tenso
         m = min(max(n // 64, _SAMPLE_SIZE_MIN), _SAMPLE_SIZE_MAX)
         p = r / n
         # rank, within the sample, of a value safely below the r-th largest of the full tensor
-        rank = math.ceil(m * p + _SAMPLE_MARGIN_SIGMAS * math.sqrt(m * p * (1.0 - p)) + 16)
+        rank = max(1, math.ceil(m * p + _SAMPLE_MARGIN_SIGMAS * math.sqrt(m * p * (1.0 - p)) + 16))
         if rank < m:
             sample = scores[_sample_indices(n, m)]
             lo = sample.topk(rank, sorted=False).values.min()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from sparse_lens.config import SparseHookedTransformerConfig
 from sparse_lens.model import SparseHookedTransformer
 
 TRAINING_DIR = "training"
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -224,6 +226,8 @@ def train(
             val_loss = evaluate(model, val_batches)
             record["val_loss"] = val_loss
             history.append(record)
+            log.info("step %d/%d  loss %.4f  val %.4f  L0 %.4f  lr %.3g",
+                     done, tc.steps, loss, val_loss, l0, lr)
         bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}", l0=f"{l0:.4f}")
         if done % tc.checkpoint_every == 0 or done == tc.steps:
             _save_run(out_dir, model, optimizer, done, model_cfg, tc, history, unigram)

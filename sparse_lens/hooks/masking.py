@@ -1,0 +1,90 @@
+"""Hooks that replace pruned nodes by their mean, as a context manager that always cleans up.
+
+At every node site the hook computes `mean + (x - mean) * mask`: a node with mask 1 passes, a node
+with mask 0 takes its mean over the pretraining distribution (`means.py`), at every position.
+Masks may be fractional and may carry gradients (pruning learns them through this hook).
+The hooks are registered on the model's HookPoints like any TransformerLens hook (so they show in
+`hook_point.fwd_hooks`), after AbsTopK, and are removed when the context exits, exception or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from jaxtyping import Float
+
+from sparse_lens.hooks.nodes import NodeRegistry
+
+
+class NodeMasker:
+    """The live state of `masked_nodes`: set `.mask` (shape [n_nodes]) between forward passes."""
+
+    def __init__(self, registry: NodeRegistry, mask: torch.Tensor, means: torch.Tensor):
+        self.registry = registry
+        self.means = means
+        self.mask = mask
+
+    @property
+    def mask(self) -> Float[torch.Tensor, " n_nodes"]:
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: Float[torch.Tensor, " n_nodes"]) -> None:
+        if value.shape != (self.registry.n_nodes,):
+            raise ValueError(f"mask must have shape ({self.registry.n_nodes},) (one entry per "
+                             f"node of {self.registry}); got {tuple(value.shape)}")
+        self._mask = value
+        self._mask_parts = self.registry.split(value.to(self.means.dtype))
+
+    def hook_for(self, hook_name: str):
+        mean = self.registry.split(self.means)[hook_name]
+
+        def apply_mask(activation: torch.Tensor, hook) -> torch.Tensor:
+            mask = self._mask_parts[hook_name]
+            return mean + (activation - mean) * mask
+
+        apply_mask.__name__ = f"sparse_lens_mask[{hook_name}]"
+        return apply_mask
+
+
+@contextmanager
+def masked_nodes(
+    model,
+    registry: NodeRegistry,
+    mask: Float[torch.Tensor, " n_nodes"],
+    means: Float[torch.Tensor, " n_nodes"],
+) -> Iterator[NodeMasker]:
+    """Run `model` with node `mask` applied (1 keeps a node, 0 replaces it by its mean).
+
+        with masked_nodes(model, registry, mask, means) as masker:
+            logits = model(tokens)
+            masker.mask = other_mask      # change it between passes
+
+    Only the hooks added here are removed on exit; the user's own hooks stay."""
+    means = means.to(model.cfg.device)
+    masker = NodeMasker(registry, mask.to(model.cfg.device), means)
+    hook_points = model.hook_dict
+    added = []
+    try:
+        for site in registry.sites:
+            point = hook_points[site.hook_name]
+            point.add_hook(masker.hook_for(site.hook_name), dir="fwd")
+            added.append((point, point.fwd_hooks[-1]))
+        yield masker
+    finally:
+        for point, handle in added:
+            handle.hook.remove()
+            if handle in point.fwd_hooks:
+                point.fwd_hooks.remove(handle)
+
+
+def keep_mask_from_ids(registry: NodeRegistry, ids, device=None) -> Float[torch.Tensor, " n_nodes"]:
+    """A 0/1 mask over nodes keeping exactly `ids`."""
+    mask = torch.zeros(registry.n_nodes, device=device)
+    ids = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)
+    if ids.numel() and (ids.min() < 0 or ids.max() >= registry.n_nodes):
+        raise ValueError(f"node ids must be in [0, {registry.n_nodes}); got {ids.min()}..{ids.max()}")
+    mask[ids.to(mask.device)] = 1.0
+    return mask

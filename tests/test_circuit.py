@@ -1,0 +1,193 @@
+"""The hook engine, pruning and Circuit on a hand-built model whose circuit is known.
+
+The model (1 layer, d_model 16, vocab 8, no AbsTopK, dense weights): the task is "the last token
+is X -> answer A, Y -> answer B". By construction exactly three nodes solve it:
+the MLP reads residual channel 3 (the embedding writes +1 for X, -1 for Y there), neuron 5 fires
+on it (W_in[3, 5]), and writes channel 7 (W_out[5, 7]) which the unembedding turns into
+logit(A) - logit(B). Everything else is small noise that does not touch that path.
+"""
+
+import pytest
+import torch
+
+from sparse_lens.circuit import Circuit
+from sparse_lens.config import SparseHookedTransformerConfig
+from sparse_lens.hooks import NodeRegistry, compute_node_means, keep_mask_from_ids, masked_nodes
+from sparse_lens.model import SparseHookedTransformer
+from sparse_lens.pruning import PruneConfig, prune
+from sparse_lens.tasks import TaskData
+
+X, Y, A, B = 1, 2, 3, 4
+FILLERS = (5, 6, 7)
+READ, NEURON, WRITE = 3, 5, 7
+
+
+def hand_built_model() -> SparseHookedTransformer:
+    cfg = SparseHookedTransformerConfig(
+        n_layers=1, d_model=16, d_head=8, n_heads=2, d_mlp=16, n_ctx=16, d_vocab=8,
+        weight_l0=1.0, act_topk_locations=(), use_attention_sinks=False, device="cpu")
+    torch.manual_seed(0)
+    model = SparseHookedTransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02)
+        model.embed.W_E[:, READ] = 0.0
+        model.embed.W_E[X, READ], model.embed.W_E[Y, READ] = 1.0, -1.0
+        model.blocks[0].mlp.W_in[READ, :] = 0.0
+        model.blocks[0].mlp.W_in[:, NEURON] = 0.0
+        model.blocks[0].mlp.W_in[READ, NEURON] = 1.0
+        model.blocks[0].mlp.W_out[NEURON, :] = 0.0
+        model.blocks[0].mlp.W_out[:, WRITE] = 0.0
+        model.blocks[0].mlp.W_out[NEURON, WRITE] = 1.0
+        model.blocks[0].mlp.b_out[WRITE] = -2.0
+        model.unembed.W_U[WRITE, :] = 0.0
+        model.unembed.W_U[WRITE, A], model.unembed.W_U[WRITE, B] = 0.5, -0.5
+    return model
+
+
+def hand_task(n=64, seed=0) -> TaskData:
+    gen = torch.Generator().manual_seed(seed)
+    fillers = torch.tensor(FILLERS)
+    tokens = fillers[torch.randint(len(FILLERS), (n, 6), generator=gen)]
+    last = torch.where(torch.arange(n) % 2 == 0, X, Y)
+    tokens[:, -1] = last
+    correct = torch.where(last == X, A, B)
+    contrast = torch.where(last == X, B, A)
+    return TaskData(name="x_or_y", description="X -> A, Y -> B", prompts=[str(r) for r in tokens.tolist()],
+                    tokens=tokens, last_pos=torch.full((n,), 5), correct=correct, contrast=contrast,
+                    correct_str=[str(c) for c in correct.tolist()],
+                    contrast_str=[str(c) for c in contrast.tolist()])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hand_built_model()
+
+
+@pytest.fixture(scope="module")
+def means(model):
+    stream = torch.randint(1, 8, (4096,), generator=torch.Generator().manual_seed(1))
+    return compute_node_means(model, NodeRegistry.for_model(model), stream, n_tokens=2048,
+                              batch_size=8, seq_len=16)
+
+
+def test_registry_numbers_nodes_by_site(model):
+    reg = NodeRegistry.for_model(model)
+    assert reg.n_nodes == 16 + 3 * 16 + 16 + 16 + 16 + 16  # read, q/k/v, write, read, neurons, write
+    assert reg.ids_of("neuron", 0, NEURON) == reg.site("blocks.0.mlp.hook_post").offset + NEURON
+    assert reg.ids_of("q", 0, (1, 2)) == reg.site("blocks.0.attn.hook_q").offset + 8 + 2
+    row = reg.describe([reg.ids_of("q", 0, (1, 2))]).iloc[0]
+    assert (row["kind"], row["layer"], row["head"], row["channel"]) == ("q", 0, 1, 2)
+    with pytest.raises(ValueError, match="shape"):
+        reg.split(torch.zeros(3))
+
+
+def test_all_ones_mask_changes_nothing(model, means):
+    tokens = hand_task().tokens
+    reg = NodeRegistry.for_model(model)
+    with masked_nodes(model, reg, torch.ones(reg.n_nodes), means):
+        masked = model(tokens)
+    torch.testing.assert_close(masked, model(tokens))
+
+
+def test_ablating_every_node_gives_the_mean_activation_forward_pass(model, means):
+    """With every node at its mean, the residual stream is embedding + the mean attention and
+    MLP outputs, so the logits are computable by hand."""
+    reg = NodeRegistry.for_model(model)
+    tokens = hand_task().tokens
+    with masked_nodes(model, reg, torch.zeros(reg.n_nodes), means):
+        logits = model(tokens)
+    parts = reg.split(means)
+    resid = (model.embed(tokens) + model.pos_embed(tokens) + parts["blocks.0.hook_attn_out"]
+             + parts["blocks.0.hook_mlp_out"])
+    expected = model.unembed(model.ln_final(resid))
+    torch.testing.assert_close(logits, expected)
+
+
+def test_means_are_the_average_activation(model, means):
+    stream = torch.randint(1, 8, (4096,), generator=torch.Generator().manual_seed(1))
+    from sparse_lens.data import sample_batch
+
+    batches = torch.cat([sample_batch(stream, 8, 16, step, 0) for step in range(16)])
+    _, cache = model.run_with_cache(batches)
+    reg = NodeRegistry.for_model(model)
+    for name, mean in reg.split(means).items():
+        torch.testing.assert_close(mean, cache[name].flatten(0, 1).mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_hooks_are_removed_even_when_the_forward_pass_raises(model, means):
+    reg = NodeRegistry.for_model(model)
+    user_hook_calls = []
+    model.blocks[0].hook_mlp_out.add_hook(lambda x, hook: user_hook_calls.append(1))
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with masked_nodes(model, reg, torch.ones(reg.n_nodes), means):
+                assert any(p.fwd_hooks for p in model.hook_dict.values())
+                raise RuntimeError("boom")
+        assert [len(model.hook_dict[s.hook_name].fwd_hooks) for s in reg.sites].count(0) == len(reg.sites) - 1
+        assert len(model.blocks[0].hook_mlp_out.fwd_hooks) == 1  # the user's hook stays
+    finally:
+        model.reset_hooks()
+
+
+def test_pruning_recovers_exactly_the_planted_circuit(model, means):
+    data = hand_task()
+    full = model(data.tokens)[torch.arange(len(data)), 5]
+    assert ((full[:, A] > full[:, B]) == (data.correct == A)).all()  # the full model solves it
+    circuit = prune(model, data, means=means, steps=150, batch_size=32, lr=0.02, progress=False)
+    reg = circuit.registry
+    planted = sorted([reg.ids_of("mlp_read", 0, READ), reg.ids_of("neuron", 0, NEURON),
+                      reg.ids_of("mlp_write", 0, WRITE)])
+    assert circuit.node_ids == planted
+    assert circuit.solved and circuit.losses["circuit"] <= 0.15
+    table = circuit.verify(n_random=4)
+    by = table.set_index("condition")
+    assert by.loc["circuit", "task_loss"] <= 0.15 and by.loc["circuit", "accuracy"] == 1.0
+    assert by.loc["circuit ablated", "accuracy"] <= 0.5 + 1e-6
+    assert by.filter(like="random", axis=0).task_loss.iloc[0] > 0.5
+
+
+def test_edges_of_the_planted_circuit_counted_by_hand(model, means):
+    reg = NodeRegistry.for_model(model)
+    ids = [reg.ids_of("mlp_read", 0, READ), reg.ids_of("neuron", 0, NEURON),
+           reg.ids_of("mlp_write", 0, WRITE)]
+    circuit = Circuit(model, "x_or_y", ids, None, means, PruneConfig(), {}, data=hand_task())
+    edges = circuit.edges
+    counts = edges.kind.value_counts().to_dict()
+    # W_in[3, 5], W_out[5, 7]; W_E[X, 3], W_E[Y, 3]; W_U[7, A], W_U[7, B]; one layer: no residual
+    assert counts == {"weight": 2, "embed": 2, "unembed": 2}
+    assert circuit.n_edges == 6
+    weights = edges[edges.kind == "weight"].set_index("source").weight.to_dict()
+    assert weights == {f"L0.mlp_read[{READ}]": 1.0, f"L0.neuron[{NEURON}]": 1.0}
+    # adding the attention-write channel 3 adds a residual link attn_write[3] -> mlp_read[3]
+    # and its incoming W_O edges from kept v channels (none kept) -> only the residual link
+    more = Circuit(model, "x_or_y", ids + [reg.ids_of("attn_write", 0, READ)], None, means,
+                   PruneConfig(), {}, data=hand_task())
+    assert more.edges.kind.value_counts().get("residual") == 1
+
+
+def test_circuit_runs_saves_and_refuses_another_model(model, means, tmp_path):
+    reg = NodeRegistry.for_model(model)
+    ids = [reg.ids_of("mlp_read", 0, READ), reg.ids_of("neuron", 0, NEURON),
+           reg.ids_of("mlp_write", 0, WRITE)]
+    circuit = Circuit(model, "x_or_y", ids, torch.zeros(reg.n_nodes), means, PruneConfig(),
+                      {"circuit": 0.01}, data=hand_task())
+    tokens = hand_task().tokens
+    with masked_nodes(model, reg, keep_mask_from_ids(reg, ids), means):
+        expected = model(tokens)
+    torch.testing.assert_close(circuit.run(tokens), expected)
+    assert not any(model.hook_dict[s.hook_name].fwd_hooks for s in reg.sites)
+    circuit.save(tmp_path / "c")
+    loaded = Circuit.load(tmp_path / "c", model, data=hand_task())
+    assert loaded.node_ids == circuit.node_ids and loaded.losses == circuit.losses
+    torch.testing.assert_close(loaded.run(tokens), expected)
+    other = hand_built_model()
+    with torch.no_grad():
+        other.unembed.W_U[0, 0] += 1.0
+    with pytest.raises(ValueError, match="different model"):
+        Circuit.load(tmp_path / "c", other)
+    (tmp_path / "c" / "circuit.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable circuit"):
+        Circuit.load(tmp_path / "c", model)
+    assert "x_or_y" in repr(circuit)
