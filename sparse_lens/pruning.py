@@ -35,13 +35,13 @@ class PruneConfig:
 
     target_loss: float = 0.15  # mean binary CE over the two candidates, nats
     k_coef: float = 1e-4  # penalty per kept node
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 32
     lr: float = 1e-2
     init_tau: float = 0.1
     grad_clip: float = 1.0
     n_train: int = 512  # task examples to optimise on
-    n_eval: int = 256  # fixed examples the bisection evaluates (train split, disjoint seed)
+    n_eval: int = 128  # fixed examples the bisection evaluates (train split, another seed)
     calibrate: bool = False
     seed: int = 0
     mean_tokens: int = 1 << 16  # tokens the node means average over (if not cached)
@@ -70,12 +70,19 @@ def final_logit_pairs(model, data, masker=None, mask=None, batch_size: int = 128
     without gradients. With `masker`, `mask` is set on it first."""
     if masker is not None and mask is not None:
         masker.mask = mask
-    out = []
+    order = _by_length(data)
+    out = torch.empty(len(data), 2, device=data.tokens.device)
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
-            part = data[start:start + batch_size]
-            out.append(_pairs(model(part.tokens), part))
-    return torch.cat(out)
+            rows = order[start:start + batch_size]
+            part = data[rows]  # trimmed to its longest prompt: similar lengths batch together
+            out[rows.to(out.device)] = _pairs(model(part.tokens), part).to(out.dtype)
+    return out
+
+
+def _by_length(data) -> torch.Tensor:
+    """Example indices sorted by prompt length (stable), on the CPU."""
+    return torch.argsort(data.last_pos.cpu(), stable=True)
 
 
 def _pairs(logits, data) -> Float[torch.Tensor, "batch 2"]:
@@ -148,7 +155,9 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
 
     `means`: per-node means (default: loaded from / cached in `model_dir`, else computed on the
     standard library). Keyword overrides update `config`, e.g. `prune(model, "with_as",
-    steps=100)`. Returns a verified-ready `Circuit` (see `Circuit.verify`)."""
+    steps=50)`. Returns a `Circuit` (see `Circuit.verify`). If the full model misses the target
+    on the evaluation examples, nothing is optimised: the circuit keeps every node and
+    `solved` is False."""
     from sparse_lens.circuit import Circuit
     from sparse_lens.tasks import get_task
 
@@ -171,10 +180,14 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
     try:
         with masked_nodes(model, registry, torch.ones(registry.n_nodes), means) as masker:
             full_pairs = final_logit_pairs(model, eval_data)
-            tau = _optimise_taus(model, masker, train_data, registry, config)
-            order = torch.argsort(tau.detach().cpu(), descending=True, stable=True)
-            n_kept, curve = _bisect(model, masker, eval_data, order, registry, config)
-            kept = order[:n_kept]
+            if pair_loss(full_pairs) > config.target_loss:
+                # the full model does not solve the task: report it, do not force a circuit
+                tau, kept, curve = None, torch.arange(registry.n_nodes), []
+            else:
+                tau = _optimise_taus(model, masker, train_data, registry, config)
+                order = torch.argsort(tau.detach().cpu(), descending=True, stable=True)
+                n_kept, curve = _bisect(model, masker, eval_data, order, registry, config)
+                kept = order[:n_kept]
             mask = torch.zeros(registry.n_nodes)
             mask[kept] = 1.0
             pairs = final_logit_pairs(model, eval_data, masker, mask.to(device))
@@ -184,7 +197,7 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
     full_loss = pair_loss(full_pairs)
     losses = dict(full_model=full_loss, circuit=_loss(pairs, eval_data, calibration))
     return Circuit(
-        model=model, task=name, node_ids=sorted(kept.tolist()), tau=tau.detach().cpu(),
+        model=model, task=name, node_ids=sorted(kept.tolist()), tau=tau,
         means=means.detach().cpu(), config=config, losses=losses, calibration=calibration,
         solved=full_loss <= config.target_loss and losses["circuit"] <= config.target_loss,
         bisection=curve, seconds=time.perf_counter() - start, data=custom,
@@ -205,10 +218,13 @@ def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneCon
     for p in model.parameters():
         p.requires_grad_(False)
     bar = tqdm(range(config.steps), disable=not config.progress, desc=f"prune {data.name}")
+    # each batch is a random window of the length-sorted examples: little padding
+    order = _by_length(data)
+    n_windows = max(len(data) - config.batch_size, 0) + 1
     try:
         for _ in bar:
-            idx = torch.randperm(len(data), generator=gen)[:config.batch_size]
-            batch = data[idx.to(device)]
+            start = int(torch.randint(n_windows, (), generator=gen))
+            batch = data[order[start:start + config.batch_size]]
             mask = heaviside_ste(tau)
             masker.mask = mask
             pairs = _pairs(model(batch.tokens), batch)
@@ -224,7 +240,7 @@ def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneCon
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
-    return tau.detach()
+    return tau.detach().cpu()
 
 
 def _bisect(model, masker, data, order, registry: NodeRegistry, config: PruneConfig):
