@@ -1,0 +1,62 @@
+"""The `sparse-lens` command: help without heavy imports, prune end to end, clear errors."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from sparse_lens import cli
+from sparse_lens.circuit import Circuit
+from sparse_lens.config import SparseHookedTransformerConfig
+from sparse_lens.hooks import NodeRegistry, compute_node_means, save_node_means
+from sparse_lens.model import SparseHookedTransformer
+
+
+def test_help_does_not_import_transformer_lens():
+    code = ("import sys; from sparse_lens import cli\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'transformer_lens' not in sys.modules and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    """An untrained tiny model with node means already cached next to it."""
+    torch.manual_seed(0)
+    model = SparseHookedTransformer(SparseHookedTransformerConfig.preset("tiny"), tokenizer=tokenizer)
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    model.save_pretrained(path)
+    stream = torch.randint(1, 2048, (8192,), generator=torch.Generator().manual_seed(0))
+    means = compute_node_means(model, NodeRegistry.for_model(model), stream, n_tokens=1024)
+    save_node_means(means, path, 1024)
+    return path
+
+
+def test_prune_writes_circuits_and_a_summary(model_dir, tmp_path, capsys):
+    out = tmp_path / "circuits"
+    # the untrained model misses the 0.15 target: reported unsolved, nothing forced
+    assert cli.main(["prune", "--model", str(model_dir), "--task", "for_while", "--out", str(out),
+                     "--no-progress"]) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.task) == ["for_while"] and not summary.solved.iloc[0]
+    assert "NOT solved: the full model misses the target" in capsys.readouterr().out
+    # a generous target: the optimisation and bisection run and the circuit reloads
+    assert cli.main(["prune", "--model", str(model_dir), "--task", "with_as", "--out", str(out),
+                     "--target-loss", "5", "--steps", "3", "--no-progress", "--no-verify"]) == 0
+    model = SparseHookedTransformer.from_pretrained(model_dir)
+    circuit = Circuit.load(out / "with_as", model)
+    assert circuit.solved and circuit.losses["circuit"] <= 5
+    assert circuit.n_nodes == pd.read_csv(out / "summary.csv").nodes.iloc[0]
+
+
+def test_unknown_task_is_a_clear_error(model_dir, capsys):
+    assert cli.main(["prune", "--model", str(model_dir), "--task", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'nope'" in err and "single_double_quote" in err
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["prune", "--model", str(tmp_path / "none"), "--task", "for_while"]) == 2
+    assert "sparse-lens prune: error" in capsys.readouterr().err
