@@ -179,22 +179,35 @@ class Circuit:
         return self.verification
 
     # ------------------------------------------------------------------ summary
+    @property
+    def full_model_misses_target(self) -> bool:
+        """The full model itself does not reach the target loss: there is no circuit to find."""
+        target = getattr(self.config, "target_loss", float("inf"))
+        return self.losses.get("full_model", 0.0) > target
+
     def summary(self) -> dict:
-        """One row for a table of circuits: task, nodes, edges, losses, seconds."""
+        """One row for a table of circuits: task, nodes, edges, losses, seconds (nodes and edges
+        are None when the full model misses the target)."""
+        if self.full_model_misses_target:
+            return dict(task=self.task, solved=False, nodes=None, edges=None,
+                        full_model_loss=self.losses.get("full_model"), circuit_loss=None,
+                        seconds=round(self.seconds, 1))
         return dict(task=self.task, solved=self.solved, nodes=self.n_nodes, edges=self.n_edges,
                     full_model_loss=self.losses.get("full_model"),
                     circuit_loss=self.losses.get("circuit"), seconds=round(self.seconds, 1))
 
     def __repr__(self) -> str:
+        target = getattr(self.config, "target_loss", float("nan"))
+        if self.full_model_misses_target:
+            return (f"Circuit for task {self.task!r} on {self.model.cfg.model_name}: NOT solved: the "
+                    f"full model misses the target (task loss {self.losses['full_model']:.4f} > "
+                    f"{target}); no circuit was searched for")
         reg = self.registry
         total_weights = sum(int(m.weight.ne(0).sum()) for m in self.model.sparsified_matrices())
         kinds = self.nodes.kind.value_counts()
         by_kind = ", ".join(f"{k} {kinds.get(k, 0)}" for k in dict.fromkeys(reg.table().kind))
         edge_counts = self.edges.kind.value_counts()
-        target = getattr(self.config, "target_loss", float("nan"))
-        status = "solved" if self.solved else (
-            "NOT solved: the full model misses the target" if self.losses.get("full_model", 0) > target
-            else "NOT solved")
+        status = "solved" if self.solved else "NOT solved"
         lines = [
             f"Circuit for task {self.task!r} on {self.model.cfg.model_name} "
             f"({self.model.cfg.n_layers} layers)",
@@ -313,25 +326,24 @@ def circuit_edges(model, registry: NodeRegistry, node_ids, task_tokens, candidat
 
     tokenizer = model.tokenizer
     tok_name = (lambda t: repr(tokenizer.decode([t]))) if tokenizer is not None else str
-    W_E = model.embed.W_E.detach().cpu()
-    for r in reads:
-        (chans,) = kept[r.hook_name].nonzero(as_tuple=True)
-        sub = W_E[task_tokens][:, chans]
-        ti, ci = (sub != 0).nonzero(as_tuple=True)
-        if len(ti):
-            frames.append(pd.DataFrame(dict(
-                kind="embed", source=[f"embed[{tok_name(task_tokens[i])}]" for i in ti.tolist()],
-                target=label((r.offset + chans[ci]).tolist()), weight=sub[ti, ci].numpy())))
-    W_U = model.unembed.W_U.detach().cpu()
-    for w in writes:
-        (chans,) = kept[w.hook_name].nonzero(as_tuple=True)
-        sub = W_U[chans][:, candidate_tokens]
-        ci, ti = (sub != 0).nonzero(as_tuple=True)
-        if len(ci):
-            frames.append(pd.DataFrame(dict(
-                kind="unembed", source=label((w.offset + chans[ci]).tolist()),
-                target=[f"logit[{tok_name(candidate_tokens[i])}]" for i in ti.tolist()],
-                weight=sub[ci, ti].numpy())))
+
+    def vocab_edges(kind: str, weight, sites, tokens, into_tokens: bool) -> None:
+        """`weight` as [d_vocab, d_model]: token -> channel edges, or channel -> token."""
+        for site in sites:
+            (chans,) = kept[site.hook_name].nonzero(as_tuple=True)
+            sub = weight[tokens][:, chans]
+            ti, ci = (sub != 0).nonzero(as_tuple=True)
+            if len(ti):
+                prefix = "logit" if into_tokens else "embed"
+                toks = [f"{prefix}[{tok_name(tokens[i])}]" for i in ti.tolist()]
+                nodes = label((site.offset + chans[ci]).tolist())
+                src, dst = (nodes, toks) if into_tokens else (toks, nodes)
+                frames.append(pd.DataFrame(dict(kind=kind, source=src, target=dst,
+                                                weight=sub[ti, ci].numpy())))
+
+    vocab_edges("embed", model.embed.W_E.detach().cpu(), reads, task_tokens, into_tokens=False)
+    vocab_edges("unembed", model.unembed.W_U.detach().cpu().T, writes, candidate_tokens,
+                into_tokens=True)
     if not frames:
         return pd.DataFrame(dict(kind=pd.Series(dtype=str), source=pd.Series(dtype=str),
                                  target=pd.Series(dtype=str), weight=pd.Series(dtype=float)))

@@ -112,7 +112,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         circuit.save(out / task)
         print(circuit)
         row = circuit.summary()
-        if not args.no_verify:
+        if not args.no_verify and not circuit.full_model_misses_target:
             table = circuit.verify().set_index("condition")
             print(table.round(4).to_string())
             row.update(ablated_loss=table.loc["circuit ablated", "task_loss"],

@@ -42,6 +42,7 @@ def test_prune_writes_circuits_and_a_summary(model_dir, tmp_path, capsys):
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.task) == ["for_while"] and not summary.solved.iloc[0]
     assert "NOT solved: the full model misses the target" in capsys.readouterr().out
+    assert pd.isna(summary.nodes.iloc[0])
     # a generous target: the optimisation and bisection run and the circuit reloads
     assert cli.main(["prune", "--model", str(model_dir), "--task", "with_as", "--out", str(out),
                      "--target-loss", "5", "--steps", "3", "--no-progress", "--no-verify"]) == 0
