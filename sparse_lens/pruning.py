@@ -144,8 +144,8 @@ def fit_calibration(pairs: torch.Tensor, data, max_iter: int = 50) -> Calibratio
         return loss
 
     opt.step(closure)
-    return Calibration(scale=float(log_scale.exp()),
-                       bias={t: float(bias[i]) for t, i in index.items()})
+    return Calibration(scale=float(log_scale.detach().exp()),
+                       bias={t: float(bias[i].detach()) for t, i in index.items()})
 
 
 def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=None, **overrides):

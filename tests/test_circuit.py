@@ -191,3 +191,28 @@ def test_circuit_runs_saves_and_refuses_another_model(model, means, tmp_path):
     with pytest.raises(ValueError, match="not a readable circuit"):
         Circuit.load(tmp_path / "c", model)
     assert "x_or_y" in repr(circuit)
+
+
+def test_pruning_is_deterministic_for_a_seed(model, means):
+    data = hand_task()
+    runs = [prune(model, data, means=means, steps=30, batch_size=16, lr=0.02, seed=3,
+                  progress=False) for _ in range(2)]
+    assert runs[0].node_ids == runs[1].node_ids
+    assert torch.equal(runs[0].tau, runs[1].tau)
+
+
+def test_calibration_removes_a_logit_bias_on_one_candidate():
+    from sparse_lens.pruning import fit_calibration, pair_accuracy, pair_loss
+
+    data = hand_task()  # correct is A for even rows, B for odd rows
+    diff = torch.full((len(data),), 2.0)
+    logit_a = torch.where(data.correct == A, diff, torch.zeros_like(diff)) + 3.0  # A favoured by 3
+    logit_b = torch.where(data.correct == B, diff, torch.zeros_like(diff))
+    pairs = torch.stack([torch.where(data.correct == A, logit_a, logit_b),
+                         torch.where(data.correct == A, logit_b, logit_a)], dim=1)
+    assert pair_accuracy(pairs) == 0.5
+    calibration = fit_calibration(pairs, data)
+    fixed = calibration.apply_pairs(pairs, data)
+    assert pair_accuracy(fixed) == 1.0 and pair_loss(fixed) < 0.05 < pair_loss(pairs)
+    # right on both classes iff -5 scale < bias[A] - bias[B] < -scale (the +3 on A undone)
+    assert -5 * calibration.scale < calibration.bias[A] - calibration.bias[B] < -calibration.scale

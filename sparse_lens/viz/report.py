@@ -1,0 +1,105 @@
+"""`write_report`: one self-contained HTML file with every view of a model's circuits.
+
+The page inlines the circuitsvis bundle once (in `<head>`) and embeds each view's fragment, so it
+opens offline from that single file: no script, stylesheet or font comes from a network.
+One `<section class="sl-circuit">` per circuit: the task's description, then the circuit graph,
+the tables (summary, verification, nodes, edges), the attention heads and the neurons/channels.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from jaxtyping import Int
+
+from sparse_lens.viz.attention import attention_view
+from sparse_lens.viz.circuitsvis_inline import bundle_script
+from sparse_lens.viz.graph import circuit_graph
+from sparse_lens.viz.neurons import neuron_view
+from sparse_lens.viz.tables import tables_view
+from sparse_lens.viz.view import page
+
+
+def write_report(model, circuits, path: str | Path, title: str = "sparse_lens circuits",
+                 n_prompts: int = 4, corpus_tokens: Int[torch.Tensor, " n"] | None = None,
+                 corpus_files: int = 200, verify_n: int = 128) -> Path:
+    """Write the report of `circuits` (a sequence of `Circuit`, or a mapping name -> `Circuit`)
+    of `model` to `path` and return the path. `n_prompts` task prompts per view; corpus snippets
+    from `corpus_tokens` (default: the validation stream of `corpus_files` standard-library
+    files); circuits not yet verified are verified on `verify_n` prompts."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report_html(model, circuits, title, n_prompts, corpus_tokens, corpus_files, verify_n),
+                    encoding="utf-8")
+    return path
+
+
+def report_html(model, circuits, title: str = "sparse_lens circuits", n_prompts: int = 4,
+                corpus_tokens: Int[torch.Tensor, " n"] | None = None, corpus_files: int = 200,
+                verify_n: int = 128) -> str:
+    """The report as one HTML document (see `write_report`)."""
+    circuits = list(circuits.values()) if isinstance(circuits, Mapping) else list(circuits)
+    if not circuits:
+        raise ValueError("write_report needs at least one circuit")
+    for c in circuits:
+        if c.model is not model:
+            raise ValueError(f"the circuit for {c.task!r} belongs to another model object; load it "
+                             "onto this model with Circuit.load(path, model)")
+    if corpus_tokens is None:
+        from sparse_lens.data import load_corpus
+
+        corpus_tokens = load_corpus(None, model.tokenizer, max_files=corpus_files).val
+    ids = [f"circuit-{i}-{re.sub(r'[^A-Za-z0-9_-]', '-', c.task)}" for i, c in enumerate(circuits)]
+    sections = [circuit_section(c, section_id, corpus_tokens, n_prompts, verify_n)
+                for c, section_id in zip(circuits, ids)]
+    body = "\n".join([f"<h1>{html.escape(title)}</h1>", _model_summary(model),
+                      _contents(circuits, ids), *sections])
+    return page(title, body, head=bundle_script())
+
+
+def circuit_section(circuit, section_id: str, corpus_tokens: Int[torch.Tensor, " n"], n_prompts: int = 4,
+                    verify_n: int = 128) -> str:
+    """One circuit's `<section>`: its task and description, then every view (without the
+    circuitsvis bundle, which the page loads once)."""
+    views = [circuit_graph(circuit), tables_view(circuit, verify_n=verify_n),
+             attention_view(circuit, n_prompts=n_prompts),
+             neuron_view(circuit, corpus_tokens=corpus_tokens, n_prompts=n_prompts)]
+    status = "solved" if circuit.solved else "not solved"
+    return (f'<section class="sl-circuit" id="{section_id}" data-task="{html.escape(circuit.task)}">\n'
+            f"<h2>{html.escape(circuit.task)} <small>({status})</small></h2>\n"
+            f'<p class="sl-note">{html.escape(task_description(circuit))}</p>\n'
+            + "\n".join(v.html(standalone=False) for v in views) + "\n</section>")
+
+
+def task_description(circuit) -> str:
+    """The one-line description of the circuit's task (a hand-made task's own, if any)."""
+    if circuit.data is not None:
+        return circuit.data.description or f"hand-made task {circuit.task!r}"
+    from sparse_lens.tasks import get_spec
+
+    return get_spec(circuit.task).description
+
+
+def _model_summary(model) -> str:
+    c = model.cfg
+    sparsity = model.weight_sparsity()
+    achieved = sparsity.nonzeros.sum() / max(sparsity.numel.sum(), 1)
+    return (f'<p class="sl-note">Model {html.escape(str(c.model_name))}: {c.n_layers} layers, '
+            f"d_model {c.d_model}, {c.n_heads} heads of {c.d_head}, d_mlp {c.d_mlp}; weight L0 "
+            f"{achieved:.4f} achieved (target {c.weight_l0:.4g}). Every view runs the circuit with "
+            "all other nodes replaced by their mean over the pretraining corpus.</p>")
+
+
+def _contents(circuits, ids) -> str:
+    rows = []
+    for c, section_id in zip(circuits, ids):
+        loss = c.losses.get("circuit")
+        rows.append(f'<tr><td class="sl-text"><a href="#{section_id}">{html.escape(c.task)}</a></td>'
+                    f"<td>{'yes' if c.solved else 'no'}</td><td>{c.n_nodes:,}</td><td>{c.n_edges:,}</td>"
+                    f"<td>{'' if loss is None else f'{loss:.4f}'}</td></tr>")
+    return ('<table class="sl-table"><tr><th>task</th><th>solved</th><th>nodes</th><th>edges</th>'
+            "<th>circuit task loss</th></tr>\n" + "\n".join(rows) + "\n</table>")

@@ -1,0 +1,63 @@
+"""`View`: one view of a circuit as an HTML fragment, shown inline by Jupyter and embeddable in a
+report page.
+
+A view that uses circuitsvis components needs the circuitsvis bundle on the page. Shown on its
+own (`_repr_html_`, `html()`, `save()`) it carries the bundle inline; a report includes the
+bundle once and embeds every view with `html(standalone=False)`. Nothing is loaded from a network.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparse_lens.viz.circuitsvis_inline import bundle_script
+
+PAGE_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #222; }
+.sl-view { margin: 18px 0 30px 0; }
+.sl-view h3 { margin: 6px 0; }
+.sl-note { color: #555; font-size: 13px; max-width: 60em; }
+.sl-warn { color: #a33; font-weight: 600; }
+table.sl-table { border-collapse: collapse; font-size: 12px; margin: 8px 0; }
+table.sl-table th, table.sl-table td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
+table.sl-table th { background: #f3f3f3; }
+table.sl-table td.sl-text { text-align: left; font-family: ui-monospace, monospace; white-space: pre; }
+pre.sl-pre { background: #f7f7f7; padding: 6px 8px; font-size: 12px; white-space: pre-wrap; }
+.sl-scroll { overflow: auto; max-height: 820px; border: 1px solid #eee; }
+"""
+
+
+@dataclass(frozen=True)
+class View:
+    """One view: `title`, `body` (an HTML fragment; every text from the model, tokenizer or
+    corpus in it is already escaped) and whether it needs the circuitsvis bundle."""
+
+    title: str
+    body: str
+    uses_circuitsvis: bool = False
+
+    def html(self, standalone: bool = True) -> str:
+        """The view as an HTML fragment. `standalone`: include the circuitsvis bundle (when the
+        view needs it) so the fragment renders by itself; a page that already loads the bundle
+        passes False."""
+        bundle = bundle_script() + "\n" if standalone and self.uses_circuitsvis else ""
+        return (f'{bundle}<div class="sl-view"><h3>{html.escape(self.title)}</h3>\n'
+                f"{self.body}\n</div>")
+
+    def _repr_html_(self) -> str:
+        return f"<style>{PAGE_STYLE}</style>\n" + self.html(standalone=True)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the view as a self-contained HTML page."""
+        path = Path(path)
+        path.write_text(page(self.title, self.html(standalone=True)), encoding="utf-8")
+        return path
+
+
+def page(title: str, body: str, head: str = "") -> str:
+    """A complete HTML document around `body` (already HTML); `head`: more of `<head>`."""
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{PAGE_STYLE}</style>\n{head}\n</head>\n"
+            f"<body>\n{body}\n</body>\n</html>\n")
