@@ -51,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the verification table")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prune)
+
+    r = sub.add_parser("report", help="write one offline HTML report of a model's pruned circuits",
+                       description="Load the circuits saved by `prune` and write a self-contained "
+                       "HTML report (graph, tables, attention heads, neurons; works offline).")
+    r.add_argument("--model", type=Path, required=True, help="model directory (from `train`)")
+    r.add_argument("--circuits", type=Path, default=None,
+                   help="directory of saved circuits, one subdirectory each (default <model>/circuits)")
+    r.add_argument("--out", type=Path, default=None, help="HTML file (default <model>/report.html)")
+    r.add_argument("--prompts", type=int, default=4, help="task prompts per view (default 4)")
+    r.add_argument("--corpus-files", type=int, default=200,
+                   help="standard-library files whose validation part gives the corpus snippets")
+    r.add_argument("--device", default=None, help="cpu (default) or cuda")
+    r.set_defaults(func=cmd_report)
     return parser
 
 
@@ -123,6 +136,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
     summary.to_csv(out / "summary.csv", index=False)
     print(summary.round(4).to_string(index=False))
     print(f"circuits and summary.csv written to {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sparse_lens.circuit import CIRCUIT_FILE, Circuit
+    from sparse_lens.model import SparseHookedTransformer
+    from sparse_lens.viz import write_report
+
+    circuits_dir = args.circuits or args.model / "circuits"
+    found = sorted(p.parent for p in circuits_dir.glob(f"*/{CIRCUIT_FILE}"))
+    if not found:
+        raise FileNotFoundError(f"no saved circuits in {circuits_dir} (subdirectories with "
+                                f"{CIRCUIT_FILE}); run `sparse-lens prune --model {args.model}` first")
+    model = SparseHookedTransformer.from_pretrained(args.model, device=args.device)
+    circuits = [Circuit.load(path, model) for path in found]
+    out = write_report(model, circuits, args.out or args.model / "report.html",
+                       title=f"Circuits of {args.model.name}", n_prompts=args.prompts,
+                       corpus_files=args.corpus_files)
+    print(f"report on {len(circuits)} circuit(s) ({', '.join(c.task for c in circuits)}) written to {out}")
     return 0
 
 

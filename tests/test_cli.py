@@ -61,3 +61,16 @@ def test_unknown_task_is_a_clear_error(model_dir, capsys):
 def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["prune", "--model", str(tmp_path / "none"), "--task", "for_while"]) == 2
     assert "sparse-lens prune: error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, extra", [("inspect_model.py", []),
+                                           ("find_circuit.py", ["with_as", "--target-loss", "5",
+                                                                "--steps", "2"])])
+def test_example_scripts_run(model_dir, script, extra):
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / script
+    result = subprocess.run([sys.executable, str(path), str(model_dir), *extra],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("achieved_l0" in result.stdout) if script == "inspect_model.py" else ("circuit" in result.stdout)

@@ -14,7 +14,7 @@ import torch
 
 from sparse_lens.viz.activations import head_patterns, kept_heads, token_strings
 from sparse_lens.viz.circuitsvis_inline import attention_heads
-from sparse_lens.viz.view import View
+from sparse_lens.viz.view import View, status_note
 
 
 def attention_view(circuit, n_prompts: int = 4, split: str = "test", max_heads: int = 24) -> View:
@@ -62,12 +62,10 @@ def _explanation(circuit, heads, shown) -> str:
         left = [f"L{layer}H{head}" for layer, head in heads if (layer, head) not in shown]
         capped = (f' <span class="sl-warn">Showing {len(shown)} of {len(heads)} heads (capped); '
                   f"left out: {html.escape(', '.join(left))}.</span>")
-    unsolved = "" if circuit.solved else (
-        ' <span class="sl-warn">The circuit is not solved (it may keep every node).</span>')
     return (f'<p class="sl-note">Attention patterns (query rows, key columns) of the '
             f"{len(heads)} heads in which the circuit keeps a q, k or v channel (counts in "
-            "brackets), with every node outside the circuit mean-ablated." + capped + unsolved
-            + "</p>")
+            "brackets), with every node outside the circuit mean-ablated." + capped + "</p>"
+            + status_note(circuit))
 
 
 def _sink_table(names: list[str], sink_rows) -> str:

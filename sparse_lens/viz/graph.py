@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from sparse_lens.hooks.nodes import HEAD_KINDS
-from sparse_lens.viz.view import View
+from sparse_lens.viz.view import View, status_note
 
 STAGE_OF_KIND = {"attn_read": 0, "q": 1, "k": 1, "v": 1, "attn_write": 2, "mlp_read": 3,
                  "neuron": 4, "mlp_write": 5}
@@ -86,9 +86,7 @@ def circuit_graph(circuit, max_nodes: int = 120, max_edges: int = 400, max_token
     parts = []
     if capped:
         parts.append(f'<p class="sl-note sl-warn">Capped: showing {html.escape("; ".join(capped))}.</p>')
-    if not circuit.solved:
-        parts.append('<p class="sl-note sl-warn">The circuit is not solved: it may keep every node of '
-                     "the model, so this graph shows the model's strongest connections, not a circuit.</p>")
+    parts.append(status_note(circuit))
     parts += [f'<div class="sl-scroll">{svg}</div>', f'<p class="sl-note">{_legend()}</p>']
     return View(title, "\n".join(parts))
 

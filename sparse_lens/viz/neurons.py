@@ -22,7 +22,7 @@ from sparse_lens.circuit import node_label
 from sparse_lens.data import validation_batches
 from sparse_lens.viz.activations import final_activations, node_activations, token_strings
 from sparse_lens.viz.circuitsvis_inline import text_neuron_activations, topk_samples
-from sparse_lens.viz.view import View
+from sparse_lens.viz.view import View, status_note
 
 
 def neuron_view(circuit, corpus_tokens: Int[torch.Tensor, " n"] | None = None, n_prompts: int = 4,
@@ -148,10 +148,8 @@ def _explanation(circuit, n_shown: int) -> str:
     capped = "" if n_shown == circuit.n_nodes else (
         f' <span class="sl-warn">Showing {n_shown} of the circuit\'s {circuit.n_nodes:,} nodes '
         "(capped): those furthest from their ablation value at the task's final token.</span>")
-    unsolved = "" if circuit.solved else (
-        ' <span class="sl-warn">The circuit is not solved (it may keep every node).</span>')
     return ('<p class="sl-note">Activations of the circuit\'s nodes with every node outside the '
             "circuit mean-ablated. The table gives each node's mean at the prompt's final token "
             "per class (a node whose means differ carries the answer); below, its activation on "
             "each token of task prompts and the corpus snippets where it is largest in magnitude."
-            + capped + unsolved + "</p>")
+            + capped + "</p>" + status_note(circuit))

@@ -61,3 +61,14 @@ def page(title: str, body: str, head: str = "") -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(title)}</title>\n<style>{PAGE_STYLE}</style>\n{head}\n</head>\n"
             f"<body>\n{body}\n</body>\n</html>\n")
+
+
+def status_note(circuit) -> str:
+    """A warning paragraph when the circuit is not solved; empty when it is."""
+    if circuit.solved:
+        return ""
+    if circuit.n_nodes == circuit.registry.n_nodes:
+        return ('<p class="sl-note sl-warn">Not solved: the circuit keeps every node of the model '
+                "(pruning found none smaller that meets the target), so this shows the whole "
+                "model's nodes, capped, not a circuit.</p>")
+    return '<p class="sl-note sl-warn">Not solved: the circuit misses the target task loss.</p>'
