@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of saved circuits, one subdirectory each (default <model>/circuits)")
     r.add_argument("--out", type=Path, default=None, help="HTML file (default <model>/report.html)")
     r.add_argument("--prompts", type=int, default=4, help="task prompts per view (default 4)")
+    r.add_argument("--verify-prompts", type=int, default=128,
+                   help="held-out prompts for each circuit's verification table (default 128)")
     r.add_argument("--corpus-files", type=int, default=200,
                    help="standard-library files whose validation part gives the corpus snippets")
     r.add_argument("--device", default=None, help="cpu (default) or cuda")
@@ -152,8 +154,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     model = SparseHookedTransformer.from_pretrained(args.model, device=args.device)
     circuits = [Circuit.load(path, model) for path in found]
     out = write_report(model, circuits, args.out or args.model / "report.html",
-                       title=f"Circuits of {args.model.name}", n_prompts=args.prompts,
-                       corpus_files=args.corpus_files)
+                       title=f"Circuits of {args.model.resolve().name}", n_prompts=args.prompts,
+                       corpus_files=args.corpus_files, verify_n=args.verify_prompts)
     print(f"report on {len(circuits)} circuit(s) ({', '.join(c.task for c in circuits)}) written to {out}")
     return 0
 

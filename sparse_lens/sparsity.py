@@ -228,6 +228,16 @@ def keep_mask(
     torch.abs(weight.detach(), out=scores)
     mask = torch.zeros(shape, dtype=torch.bool, device=weight.device)
 
+    if 0 < n_units * min_per_unit <= k and k > 0:
+        # Fast path: the plain top-k. If it already gives every unit >= j entries, it *is* the
+        # answer: each unit's j largest are then inside it, and the rest of it is the top
+        # (k - n_units * j) of what remains. After the L0 anneal this is the usual case, and it
+        # skips the per-unit top-j (the costliest part of the projection).
+        mask.view(-1)[_topk_flat_indices(scores.view(-1), k)] = True
+        if int(units_view(mask, unit_dims).sum(dim=1).min()) >= min_per_unit:
+            return mask
+        mask.zero_()
+
     if min_per_unit > 0 and n_units > 0:
         # the floor: the j largest |w| of every unit, on a [units, fan_in] view when the layout
         # has one (e.g. W_in, W_out, W_U, W_E, W_O), else on a copy (W_Q/K/V)

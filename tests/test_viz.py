@@ -360,7 +360,8 @@ def model_dir(tokenizer, tmp_path_factory):
 
 def test_cli_report_writes_the_report_of_the_saved_circuits(model_dir, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("SPARSE_LENS_CACHE", str(tmp_path / "cache"))
-    assert cli.main(["report", "--model", str(model_dir), "--prompts", "1", "--corpus-files", "3"]) == 0
+    assert cli.main(["report", "--model", str(model_dir), "--prompts", "1", "--corpus-files", "3",
+                     "--verify-prompts", "8"]) == 0
     out = model_dir / "report.html"
     assert str(out) in capsys.readouterr().out
     html = out.read_text(encoding="utf-8")

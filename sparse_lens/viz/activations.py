@@ -35,8 +35,9 @@ def run_circuit(circuit, tokens: Int[torch.Tensor, "batch pos"],
     return logits
 
 
-def node_activations(circuit, tokens: Int[torch.Tensor, "batch pos"], node_ids,
-                     ) -> tuple[Float[torch.Tensor, "batch pos node"], Float[torch.Tensor, "batch pos d_vocab"]]:
+def node_activations(
+    circuit, tokens: Int[torch.Tensor, "batch pos"], node_ids,
+) -> tuple[Float[torch.Tensor, "batch pos node"], Float[torch.Tensor, "batch pos d_vocab"]]:
     """The activations of the nodes `node_ids` (any nodes of the model, in the given order) at
     every position of `tokens` with the circuit running, and the circuit's logits. On the CPU."""
     out = torch.zeros(*tokens.shape, len(node_ids))

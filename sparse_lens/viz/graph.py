@@ -75,11 +75,10 @@ def circuit_graph(circuit, max_nodes: int = 120, max_edges: int = 400, max_token
         capped.append(f"{len(drawn_model)} of {len(model_nodes):,} nodes (the most strongly connected)")
     if len(drawn_tokens) < n_tokens_total:
         capped.append(f"{len(drawn_tokens)} of {n_tokens_total} embedding/logit tokens")
-    n_edges_total = int((edges.source.isin(keep) & edges.target.isin(keep)).sum())
     if len(drawn_edges) < len(edges):
+        n_touching_undrawn = int((~(edges.source.isin(keep) & edges.target.isin(keep))).sum())
         capped.append(f"{len(drawn_edges)} of {len(edges):,} edges"
-                      + (f" ({len(edges) - n_edges_total:,} touch undrawn nodes)"
-                         if n_edges_total < len(edges) else ""))
+                      + (f" ({n_touching_undrawn:,} touch undrawn nodes)" if n_touching_undrawn else ""))
     caption = (f"{len(drawn_model)} nodes, {len(drawn_tokens)} tokens, {len(drawn_edges)} edges drawn"
                + ("; capped: showing " + "; ".join(capped) if capped else ""))
     svg = render_svg(nodes, drawn_edges, caption, circuit.model.cfg.n_layers, bool(capped))
@@ -204,8 +203,8 @@ def _edges_svg(edges: pd.DataFrame, pos: dict[str, tuple[float, float]]) -> str:
     out = ['<g class="sl-edges" fill="none">']
     for row in edges.itertuples():
         (x0, y0), (x1, y1) = pos[row.source], pos[row.target]
-        title = f"<title>{e(row.source)} -> {e(row.target)}" + (
-            f": {row.kind} {row.weight:+.4f}</title>" if row.kind in WEIGHTED_KINDS else f": {row.kind}</title>")
+        weight = f" {row.weight:+.4f}" if row.kind in WEIGHTED_KINDS else ""
+        title = f"<title>{e(row.source)} -> {e(row.target)}: {row.kind}{weight}</title>"
         y0, y1 = y0 + BOX_H / 2, y1 + BOX_H / 2
         if row.kind == "qk":  # same column: an arc on the right of the boxes
             xr = x0 + BOX_W

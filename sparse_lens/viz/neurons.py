@@ -124,7 +124,8 @@ def role_table(labels: list[str], kinds: list[str], means: Float[torch.Tensor, "
         by_class = "".join(f"<td>{finals[rows, j].mean():+.3f}</td>" for _, rows in groups)
         peaks = ", ".join(f"{token_strings(model, [t])[0]!r}: {a:+.2f}" for t, a in snippets["peaks"][j][:3])
         lines.append(f'<tr><td class="sl-text">{html.escape(label)}</td><td class="sl-text">{kinds[j]}</td>'
-                     f'<td>{float(means[j]):+.3f}</td>{by_class}<td class="sl-text">{html.escape(peaks)}</td></tr>')
+                     f"<td>{float(means[j]):+.3f}</td>{by_class}"
+                     f'<td class="sl-text">{html.escape(peaks)}</td></tr>')
     lines.append("</table>")
     return "\n".join(lines)
 
