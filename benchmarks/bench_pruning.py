@@ -1,6 +1,6 @@
 """Cost of pruning one task: wall time, and the memory of the mean cache and mask state.
 
-    .venv/bin/python benchmarks/bench_pruning.py --model runs/small --task single_double_quote
+    .venv/bin/python benchmarks/bench_pruning.py --model runs/small --task single_double_quote --target-loss 0.8
 
 Prints seconds per phase (node means, if not cached; mask optimisation + bisection), the
 issue's target (under 60 s per task on 2 CPU threads), and the bytes of the node means and of
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", default="single_double_quote")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--target-loss", type=float, default=None,
+                        help="a target the full model meets (at 0.15 a task the model cannot solve "
+                        "is skipped, which times nothing)")
     args = parser.parse_args(argv)
 
     from sparse_lens.hooks import NodeRegistry, node_means_for
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     model = SparseHookedTransformer.from_pretrained(args.model)
     registry = NodeRegistry.for_model(model)
-    config = PruneConfig(progress=False, **({"steps": args.steps} if args.steps else {}))
+    overrides = {k: v for k, v in (("steps", args.steps), ("target_loss", args.target_loss)) if v}
+    config = PruneConfig(progress=False, **overrides)
 
     t0 = time.perf_counter()
     means = node_means_for(model, args.model, n_tokens=config.mean_tokens)
@@ -52,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  node means ({'loaded' if t_means < 1 else 'computed'}): {t_means:6.1f} s")
     print(f"  prune {args.task}: {t_prune:6.1f} s ({config.steps} mask steps of {config.batch_size} "
           f"examples + bisection)  target < 60 s: {'met' if t_prune < 60 else 'MISSED'}")
-    print(f"  circuit: {circuit.n_nodes} nodes, {circuit.n_edges} edges, losses {circuit.losses}")
+    if circuit.full_model_misses_target:
+        print(f"  the full model misses target {config.target_loss}: nothing was pruned (pass --target-loss)")
+    else:
+        print(f"  circuit: {circuit.n_nodes} nodes, {circuit.n_edges} edges, losses {circuit.losses}")
     print(f"  mean cache / parameters = {means_bytes / param_bytes:.4f} ({means_bytes / 1024:.0f} KiB)")
     print(f"  mask state / parameters = {mask_state_bytes / param_bytes:.4f} "
           f"({mask_state_bytes / 1024:.0f} KiB)")
