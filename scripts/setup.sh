@@ -13,5 +13,10 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 pip install -e ".${extras}"
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  # the report's browser test renders it in headless Debian chromium; without it that test skips
+  timeout 600 apt-get install -y -q chromium >/dev/null 2>&1 \
+    || echo "setup: could not install chromium; the headless-browser test will be skipped" >&2
+fi
 .venv/bin/python -c "import sparse_lens, torch, transformer_lens" \
   || { echo "setup failed: sparse_lens does not import" >&2; exit 1; }
