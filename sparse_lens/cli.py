@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prune)
 
+    d = sub.add_parser("demo", help="train (or reuse) the small model, prune tasks, write the report",
+                       description="The main job: train the small weight-sparse model on the standard "
+                       "library (or reuse a finished run), prune a handful of tasks, verify the "
+                       "circuits and write a self-contained HTML report.")
+    d.add_argument("--out", type=Path, default=Path("runs/small"), help="run directory (default runs/small)")
+    d.add_argument("--preset", default="small")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: TrainConfig's)")
+    d.add_argument("--tasks", nargs="+", default=None, help="tasks to prune (default: four)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
     r = sub.add_parser("report", help="write one offline HTML report of a model's pruned circuits",
                        description="Load the circuits saved by `prune` and write a self-contained "
                        "HTML report (graph, tables, attention heads, neurons; works offline).")
@@ -157,6 +168,18 @@ def cmd_report(args: argparse.Namespace) -> int:
                        title=f"Circuits of {args.model.resolve().name}", n_prompts=args.prompts,
                        corpus_files=args.corpus_files, verify_n=args.verify_prompts)
     print(f"report on {len(circuits)} circuit(s) ({', '.join(c.task for c in circuits)}) written to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sparse_lens.demo import DEMO_TASKS, run_demo
+    from sparse_lens.tasks import list_tasks
+
+    tasks = tuple(args.tasks or DEMO_TASKS)
+    unknown = [t for t in tasks if t not in list_tasks()]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; known tasks: {', '.join(list_tasks())}")
+    run_demo(args.out, args.preset, tasks, args.steps, progress=not args.no_progress)
     return 0
 
 

@@ -1,5 +1,6 @@
 """The `sparse-lens` command: help without heavy imports, prune end to end, clear errors."""
 
+import json
 import subprocess
 import sys
 
@@ -74,3 +75,19 @@ def test_example_scripts_run(model_dir, script, extra):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert ("achieved_l0" in result.stdout) if script == "inspect_model.py" else ("circuit" in result.stdout)
+
+
+def test_demo_trains_prunes_reports_and_then_reuses_the_run(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--preset", "tiny", "--steps", "4",
+            "--tasks", "single_double_quote", "--no-progress"]
+    assert cli.main(args) == 0
+    assert "report:" in capsys.readouterr().out
+    assert json.loads((out / "training" / "state.json").read_text())["step"] == 4
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "single_double_quote" in report
+    assert (out / "circuits" / "single_double_quote" / "circuit.json").is_file()
+    weights = (out / "model.safetensors").read_bytes()
+    assert cli.main(args) == 0  # a finished run is reused, not retrained
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert (out / "node_means.safetensors").is_file()
