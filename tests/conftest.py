@@ -6,3 +6,21 @@ def tokenizer():
     from sparse_lens.tokenizer import load_tokenizer
 
     return load_tokenizer()
+
+
+def save_tiny_model_with_means(tokenizer, path):
+    """Save an untrained `tiny` model (seed 0) at `path` with node means of random tokens cached
+    next to it; return the model and the means."""
+    import torch
+
+    from sparse_lens.config import SparseHookedTransformerConfig
+    from sparse_lens.hooks import NodeRegistry, compute_node_means, save_node_means
+    from sparse_lens.model import SparseHookedTransformer
+
+    torch.manual_seed(0)
+    model = SparseHookedTransformer(SparseHookedTransformerConfig.preset("tiny"), tokenizer=tokenizer)
+    model.save_pretrained(path)
+    stream = torch.randint(1, 2048, (8192,), generator=torch.Generator().manual_seed(0))
+    means = compute_node_means(model, NodeRegistry.for_model(model), stream, n_tokens=1024)
+    save_node_means(means, path, 1024)
+    return model, means

@@ -6,12 +6,10 @@ import sys
 
 import pandas as pd
 import pytest
-import torch
 
+from conftest import save_tiny_model_with_means
 from sparse_lens import cli
 from sparse_lens.circuit import Circuit
-from sparse_lens.config import SparseHookedTransformerConfig
-from sparse_lens.hooks import NodeRegistry, compute_node_means, save_node_means
 from sparse_lens.model import SparseHookedTransformer
 
 
@@ -25,13 +23,8 @@ def test_help_does_not_import_transformer_lens():
 @pytest.fixture(scope="module")
 def model_dir(tokenizer, tmp_path_factory):
     """An untrained tiny model with node means already cached next to it."""
-    torch.manual_seed(0)
-    model = SparseHookedTransformer(SparseHookedTransformerConfig.preset("tiny"), tokenizer=tokenizer)
     path = tmp_path_factory.mktemp("model") / "tiny"
-    model.save_pretrained(path)
-    stream = torch.randint(1, 2048, (8192,), generator=torch.Generator().manual_seed(0))
-    means = compute_node_means(model, NodeRegistry.for_model(model), stream, n_tokens=1024)
-    save_node_means(means, path, 1024)
+    save_tiny_model_with_means(tokenizer, path)
     return path
 
 

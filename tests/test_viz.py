@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import save_tiny_model_with_means
 from sparse_lens import cli
 from sparse_lens.circuit import Circuit
 from sparse_lens.config import SparseHookedTransformerConfig
-from sparse_lens.hooks import NodeRegistry, compute_node_means, masked_nodes, save_node_means
+from sparse_lens.hooks import NodeRegistry, compute_node_means, masked_nodes
 from sparse_lens.model import SparseHookedTransformer
 from sparse_lens.pruning import PruneConfig
 from sparse_lens.tasks import TaskData
@@ -345,14 +346,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 @pytest.fixture(scope="module")
 def model_dir(tokenizer, tmp_path_factory):
     """A saved tiny model with one saved circuit for a generated task."""
-    torch.manual_seed(0)
-    model = SparseHookedTransformer(SparseHookedTransformerConfig.preset("tiny"), tokenizer=tokenizer)
     path = tmp_path_factory.mktemp("model") / "tiny"
-    model.save_pretrained(path)
+    model, means = save_tiny_model_with_means(tokenizer, path)
     reg = NodeRegistry.for_model(model)
-    stream = torch.randint(1, 2048, (8192,), generator=torch.Generator().manual_seed(0))
-    means = compute_node_means(model, reg, stream, n_tokens=1024)
-    save_node_means(means, path, 1024)
     ids = [reg.ids_of("attn_read", 0, 1), reg.ids_of("v", 0, (2, 3)), reg.ids_of("neuron", 1, 4)]
     Circuit(model, "single_double_quote", ids, None, means, PruneConfig(), {"circuit": 0.69}).save(
         path / "circuits" / "single_double_quote")
