@@ -173,7 +173,10 @@ def test_a_capped_graph_says_so(model, means, registry):
     assert sum(k not in ("embed", "logit") for k in kinds) == 30
     assert len(re.findall(r"<path ", view.body)) <= 50
     assert "capped: showing 30 of 1,408 nodes" in view.body  # in the figure itself
-    assert "Capped: showing" in view.body and "keeps every node of the model" in view.body
+    assert "Capped: showing" in view.body and "the full model itself misses the target" in view.body
+    solvable = Circuit(model, "single_double_quote", range(registry.n_nodes), None, means,
+                       PruneConfig(), {"full_model": 0.1})  # pruning kept everything
+    assert "keeps every node of the model" in circuit_graph(solvable, max_nodes=30, max_edges=50).body
 
 
 def test_attention_view_shows_the_kept_heads_only(circuit, task_data):

@@ -67,6 +67,11 @@ def status_note(circuit) -> str:
     """A warning paragraph when the circuit is not solved; empty when it is."""
     if circuit.solved:
         return ""
+    if circuit.full_model_misses_target:
+        return ('<p class="sl-note sl-warn">Not solved: the full model itself misses the target '
+                f"task loss ({circuit.losses.get('full_model', float('nan')):.4f} &gt; "
+                f"{circuit.config.target_loss}), so no circuit was searched for; the views show the "
+                "whole model's nodes, capped, not a circuit.</p>")
     if circuit.n_nodes == circuit.registry.n_nodes:
         return ('<p class="sl-note sl-warn">Not solved: the circuit keeps every node of the model '
                 "(pruning found none smaller that meets the target), so this shows the whole "
