@@ -101,8 +101,11 @@ class Circuit:
     def edges(self) -> pd.DataFrame:
         """One row per edge: kind, source, target (labels), weight (NaN for residual/qk)."""
         if self._edges is None:
+            data = self._task_data(split="train", n=128)
+            prompt_tokens = sorted(set(data.tokens.flatten().tolist()))
+            candidates = sorted(set(data.correct.tolist()) | set(data.contrast.tolist()))
             self._edges = circuit_edges(self.model, self.registry, self.node_ids,
-                                        self._task_tokens(), self._candidate_tokens())
+                                        prompt_tokens, candidates)
         return self._edges
 
     @property
@@ -116,14 +119,6 @@ class Circuit:
             return self.data.to(self.model.cfg.device)
         return get_task(self.task, self.model.tokenizer, n=n, seed=seed, split=split).to(
             self.model.cfg.device)
-
-    def _task_tokens(self) -> list[int]:
-        data = self._task_data(split="train", n=128)
-        return sorted(set(data.tokens.flatten().tolist()))
-
-    def _candidate_tokens(self) -> list[int]:
-        data = self._task_data(split="train", n=128)
-        return sorted(set(data.correct.tolist()) | set(data.contrast.tolist()))
 
     # ------------------------------------------------------------------ running
     def run(self, tokens: Int[torch.Tensor, "batch pos"] | str, **forward_kwargs):

@@ -120,12 +120,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from sparse_lens.hooks import node_means_for
     from sparse_lens.model import SparseHookedTransformer
     from sparse_lens.pruning import PruneConfig, prune
-    from sparse_lens.tasks import list_tasks
+    from sparse_lens.tasks import get_spec, list_tasks
 
     tasks = list_tasks() if args.task == "all" else [args.task]
-    unknown = [t for t in tasks if t not in list_tasks()]
-    if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; known tasks: {', '.join(list_tasks())}, or all")
+    for task in tasks:
+        get_spec(task)  # an unknown name: ValueError listing the known ones
     model = SparseHookedTransformer.from_pretrained(args.model, device=args.device)
     fields = dict(steps=args.steps, target_loss=args.target_loss, k_coef=args.k_coef, seed=args.seed)
     config = PruneConfig(**{k: v for k, v in fields.items() if v is not None},
@@ -173,12 +172,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from sparse_lens.demo import DEMO_TASKS, run_demo
-    from sparse_lens.tasks import list_tasks
+    from sparse_lens.tasks import get_spec
 
     tasks = tuple(args.tasks or DEMO_TASKS)
-    unknown = [t for t in tasks if t not in list_tasks()]
-    if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; known tasks: {', '.join(list_tasks())}")
+    for task in tasks:
+        get_spec(task)
     run_demo(args.out, args.preset, tasks, args.steps, progress=not args.no_progress)
     return 0
 

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from sparse_lens import tasks
 from sparse_lens.hooks import NodeRegistry, masked_nodes, node_means_for
+from sparse_lens.tasks import final_logits
 
 
 @dataclass(kw_only=True)
@@ -86,8 +88,9 @@ def _by_length(data) -> torch.Tensor:
 
 
 def _pairs(logits, data) -> Float[torch.Tensor, "batch 2"]:
+    """[batch, 2] logits of (correct, contrast) at each example's final position."""
+    last = final_logits(logits, data)
     rows = torch.arange(len(data), device=logits.device)
-    last = logits[rows, data.last_pos]
     return torch.stack([last[rows, data.correct], last[rows, data.contrast]], dim=1)
 
 
@@ -159,7 +162,6 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
     on the evaluation examples, nothing is optimised: the circuit keeps every node and
     `solved` is False."""
     from sparse_lens.circuit import Circuit
-    from sparse_lens.tasks import get_task
 
     config = dataclasses.replace(config or PruneConfig(), **overrides)
     start = time.perf_counter()
@@ -169,8 +171,8 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
     device = model.cfg.device
     if isinstance(task, str):
         name, custom = task, None
-        train_data = get_task(name, model.tokenizer, n=config.n_train, seed=config.seed).to(device)
-        eval_data = get_task(name, model.tokenizer, n=config.n_eval, seed=config.seed + 1).to(device)
+        train_data = tasks.get_task(name, model.tokenizer, n=config.n_train, seed=config.seed).to(device)
+        eval_data = tasks.get_task(name, model.tokenizer, n=config.n_eval, seed=config.seed + 1).to(device)
     else:  # a hand-made TaskData: optimise and bisect on it
         name, custom = task.name, task.to(device)
         train_data = eval_data = custom
@@ -227,8 +229,7 @@ def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneCon
             batch = data[order[start:start + config.batch_size]]
             mask = heaviside_ste(tau)
             masker.mask = mask
-            pairs = _pairs(model(batch.tokens), batch)
-            task_loss = F.softplus(pairs[:, 1] - pairs[:, 0]).mean()
+            task_loss = tasks.task_loss(model(batch.tokens), batch)
             loss = task_loss + config.k_coef * mask.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -24,6 +24,7 @@ class NodeMasker:
     def __init__(self, registry: NodeRegistry, mask: torch.Tensor, means: torch.Tensor):
         self.registry = registry
         self.means = means
+        self._mean_parts = registry.split(means)
         self.mask = mask
 
     @property
@@ -39,7 +40,7 @@ class NodeMasker:
         self._mask_parts = self.registry.split(value.to(self.means.dtype))
 
     def hook_for(self, hook_name: str):
-        mean = self.registry.split(self.means)[hook_name]
+        mean = self._mean_parts[hook_name]
 
         def apply_mask(activation: torch.Tensor, hook) -> torch.Tensor:
             mask = self._mask_parts[hook_name]
