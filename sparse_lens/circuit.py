@@ -313,7 +313,8 @@ def circuit_edges(model, registry: NodeRegistry, node_ids, task_tokens, candidat
     for w in writes:
         for r in reads:
             if order[r.hook_name] > order[w.hook_name]:
-                (chans,) = (kept[w.hook_name] & kept[r.hook_name]).nonzero(as_tuple=True)
+                d_model = kept[w.hook_name].numel()  # reads past d_model are positions
+                (chans,) = (kept[w.hook_name] & kept[r.hook_name][:d_model]).nonzero(as_tuple=True)
                 if len(chans):
                     frames.append(pd.DataFrame(dict(
                         kind="residual", source=label((w.offset + chans).tolist()),
@@ -325,7 +326,7 @@ def circuit_edges(model, registry: NodeRegistry, node_ids, task_tokens, candidat
     def vocab_edges(kind: str, weight, sites, tokens, into_tokens: bool) -> None:
         """`weight` as [d_vocab, d_model]: token -> channel edges, or channel -> token."""
         for site in sites:
-            (chans,) = kept[site.hook_name].nonzero(as_tuple=True)
+            (chans,) = kept[site.hook_name][:weight.shape[1]].nonzero(as_tuple=True)  # residual
             sub = weight[tokens][:, chans]
             ti, ci = (sub != 0).nonzero(as_tuple=True)
             if len(ti):

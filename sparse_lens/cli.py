@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="standard-library files whose validation part gives the corpus snippets")
     r.add_argument("--device", default=None, help="cpu (default) or cuda")
     r.set_defaults(func=cmd_report)
+
+    i = sub.add_parser("import-openai", help="convert a model of OpenAI's circuit_sparsity release",
+                       description="Convert a circuit_sparsity release model folder (beeg_config.json "
+                       "+ final_model.pt) into a sparse_lens model directory with identical outputs.")
+    i.add_argument("path", type=Path, help="the release model folder")
+    i.add_argument("out", type=Path, help="the sparse_lens model directory to write")
+    i.add_argument("--tokenizer", type=Path, default=None,
+                   help="the release's tinypython_2k folder (encoder.json + vocab.bpe)")
+    i.set_defaults(func=cmd_import_openai)
     return parser
 
 
@@ -167,6 +176,21 @@ def cmd_report(args: argparse.Namespace) -> int:
                        title=f"Circuits of {args.model.resolve().name}", n_prompts=args.prompts,
                        corpus_files=args.corpus_files, verify_n=args.verify_prompts)
     print(f"report on {len(circuits)} circuit(s) ({', '.join(c.task for c in circuits)}) written to {out}")
+    return 0
+
+
+def cmd_import_openai(args: argparse.Namespace) -> int:
+    from sparse_lens.model import SparseHookedTransformer
+    from sparse_lens.openai_release import weight_l0
+
+    model = SparseHookedTransformer.from_circuit_sparsity(args.path, tokenizer=args.tokenizer)
+    model.save_pretrained(args.out)
+    c = model.cfg
+    topk = f"AbsTopK {c.act_topk_frac} at {', '.join(c.act_topk_locations)}" if c.act_topk_locations else "no AbsTopK"
+    print(f"{args.path.name}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads of "
+          f"{c.d_head}, d_mlp {c.d_mlp}, vocab {c.d_vocab}, {topk}; weight L0 "
+          f"{weight_l0(model):.5f}; tokenizer: {'yes' if model.tokenizer is not None else 'none (token ids only)'}")
+    print(f"written to {args.out}")
     return 0
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import einops
 import torch
+import torch.nn as nn
 from jaxtyping import Float, Int
-from transformer_lens.components import Attention, TransformerBlock
+from transformer_lens.components import Attention, LayerNorm, RMSNorm, TransformerBlock
 from transformer_lens.components.mlps.mlp import MLP
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.addmm import batch_addmm
@@ -37,11 +38,26 @@ def maybe_topk(
     return abs_topk(x, cfg.topk_k(x.shape[-1])) if cfg.topk_at(location) else x
 
 
+def make_norm(cfg: SparseHookedTransformerConfig, length: int) -> nn.Module:
+    """The config's pre-norm (RMSNorm or LayerNorm) over `length` channels."""
+    return RMSNorm(cfg, length) if cfg.normalization_type == "RMS" else LayerNorm(cfg, length)
+
+
 class SparseAttention(Attention):
     """TransformerLens `Attention` with optional AbsTopK on q, k and v (over all heads' channels
-    of a token together) before `hook_q`/`hook_k`/`hook_v`."""
+    of a token together) before `hook_q`/`hook_k`/`hook_v`. W_Q, W_K and W_V read `cfg.d_read`
+    channels (d_model, plus the concatenated positions when `d_pos_emb` is set)."""
 
     cfg: SparseHookedTransformerConfig
+
+    def __init__(self, cfg: SparseHookedTransformerConfig, attn_type: str = "global",
+                 layer_id: int | None = None):
+        super().__init__(cfg, attn_type, layer_id)
+        if cfg.d_read != cfg.d_model:
+            shape = (cfg.n_heads, cfg.d_read, cfg.d_head)
+            self.W_Q = nn.Parameter(torch.empty(shape, dtype=cfg.dtype))
+            self.W_K = nn.Parameter(torch.empty(shape, dtype=cfg.dtype))
+            self.W_V = nn.Parameter(torch.empty(shape, dtype=cfg.dtype))
 
     def calculate_qkv_matrices(self, query_input, key_input, value_input):  # type: ignore[override]
         q = self._project("attn_q", query_input, self.W_Q, self.b_Q, self.hook_q)
@@ -67,9 +83,15 @@ class SparseAttention(Attention):
 
 
 class SparseMLP(MLP):
-    """TransformerLens `MLP` with optional AbsTopK on the neurons before `hook_post`."""
+    """TransformerLens `MLP` with optional AbsTopK on the neurons before `hook_post`; W_in reads
+    `cfg.d_read` channels."""
 
     cfg: SparseHookedTransformerConfig
+
+    def __init__(self, cfg: SparseHookedTransformerConfig):
+        super().__init__(cfg)
+        if cfg.d_read != cfg.d_model:
+            self.W_in = nn.Parameter(torch.empty(cfg.d_read, self.d_mlp, dtype=cfg.dtype))
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
         pre_act = self.hook_pre(batch_addmm(self.b_in, self.W_in, x))  # [batch, pos, d_mlp]
@@ -81,13 +103,17 @@ class SparseTransformerBlock(TransformerBlock):
     """A pre-norm block whose attention and MLP read through their own hooks:
 
     resid_pre -> ln1 -> [AbsTopK attn_in] -> hook_attn_read -> attn -> [attn_out] -> hook_attn_out
-    resid_mid = [resid_post_attn](resid_pre + attn_out) -> hook_resid_mid
+    resid_mid = [resid_post_attn](act(resid_pre + attn_out)) -> hook_resid_mid
     resid_mid -> ln2 -> [mlp_in] -> hook_mlp_read -> mlp -> [mlp_out] -> hook_mlp_out
-    resid_post = [resid_post_mlp](resid_mid + mlp_out) -> hook_resid_post
+    resid_post = [resid_post_mlp](act(resid_mid + mlp_out)) -> hook_resid_post
 
-    `hook_attn_read` and `hook_mlp_read` ([batch, pos, d_model]) are the residual channels where
-    the block reads; `hook_attn_out` and `hook_mlp_out` where it writes. The norm runs once per
-    block (TransformerLens's block runs ln1 three times, once for each of q, k and v input).
+    `act` is the identity, or a ReLU when `cfg.residual_activation == "relu"`. With `d_pos_emb`
+    set, the reads are `cat(ln1(resid_pre), ln_p1(pos))` (and `ln2`/`ln_p2`), where `pos` is the
+    position embedding TransformerLens passes to blocks as `shortformer_pos_embed`.
+
+    `hook_attn_read` and `hook_mlp_read` ([batch, pos, d_read]) are the channels where the block
+    reads; `hook_attn_out` and `hook_mlp_out` ([batch, pos, d_model]) where it writes. The norm
+    runs once per block (TransformerLens's block runs ln1 three times, once for each of q, k, v).
     """
 
     cfg: SparseHookedTransformerConfig
@@ -98,11 +124,14 @@ class SparseTransformerBlock(TransformerBlock):
         self.mlp = SparseMLP(cfg)
         self.hook_attn_read = HookPoint()  # [batch, pos, d_model]
         self.hook_mlp_read = HookPoint()  # [batch, pos, d_model]
+        if cfg.d_pos_emb is not None:
+            self.ln_p1 = make_norm(cfg, cfg.d_pos_emb)
+            self.ln_p2 = make_norm(cfg, cfg.d_pos_emb)
 
     def forward(
         self,
         resid_pre: Float[torch.Tensor, "batch pos d_model"],
-        shortformer_pos_embed: None = None,
+        shortformer_pos_embed: Float[torch.Tensor, "batch pos d_pos_emb"] | None = None,
         past_kv_cache_entry=None,
         attention_mask: Int[torch.Tensor, "batch offset_pos"] | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
@@ -112,8 +141,12 @@ class SparseTransformerBlock(TransformerBlock):
                 "use_hook_mlp_in; hook blocks.{L}.hook_attn_read / hook_mlp_read instead"
             )
         cfg = self.cfg
+        if cfg.d_pos_emb is not None and shortformer_pos_embed is None:
+            raise ValueError("this model concatenates position embeddings (d_pos_emb is set): "
+                             "its blocks need them, pass shortformer_pos_embed= with start_at_layer")
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_read = self.hook_attn_read(maybe_topk(cfg, "attn_in", self.ln1(resid_pre)))
+        attn_read = self.hook_attn_read(maybe_topk(
+            cfg, "attn_in", self._read(self.ln1, resid_pre, "ln_p1", shortformer_pos_embed)))
         attn_out = self.attn(
             query_input=attn_read,
             key_input=attn_read,
@@ -122,7 +155,27 @@ class SparseTransformerBlock(TransformerBlock):
             attention_mask=attention_mask,
         )
         attn_out = self.hook_attn_out(maybe_topk(cfg, "attn_out", attn_out))
-        resid_mid = self.hook_resid_mid(maybe_topk(cfg, "resid_post_attn", resid_pre + attn_out))
-        mlp_read = self.hook_mlp_read(maybe_topk(cfg, "mlp_in", self.ln2(resid_mid)))
+        resid_mid = self.hook_resid_mid(
+            maybe_topk(cfg, "resid_post_attn", self._residual_act(resid_pre + attn_out)))
+        mlp_read = self.hook_mlp_read(maybe_topk(
+            cfg, "mlp_in", self._read(self.ln2, resid_mid, "ln_p2", shortformer_pos_embed)))
         mlp_out = self.hook_mlp_out(maybe_topk(cfg, "mlp_out", self.mlp(mlp_read)))
-        return self.hook_resid_post(maybe_topk(cfg, "resid_post_mlp", resid_mid + mlp_out))
+        return self.hook_resid_post(
+            maybe_topk(cfg, "resid_post_mlp", self._residual_act(resid_mid + mlp_out)))
+
+    def _read(
+        self,
+        norm: nn.Module,
+        resid: Float[torch.Tensor, "batch pos d_model"],
+        pos_norm_name: str,
+        pos_embed: Float[torch.Tensor, "batch pos d_pos_emb"] | None,
+    ) -> Float[torch.Tensor, "batch pos d_read"]:
+        """What a sublayer reads: norm(resid), with the normed positions concatenated if any."""
+        read = norm(resid)
+        if self.cfg.d_pos_emb is None:
+            return read
+        pos = getattr(self, pos_norm_name)(pos_embed.to(read.device))
+        return torch.cat([read, pos.expand(read.shape[0], -1, -1)], dim=-1)
+
+    def _residual_act(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        return torch.relu(resid) if self.cfg.residual_activation == "relu" else resid

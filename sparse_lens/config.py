@@ -11,6 +11,8 @@ TransformerLens's own fields keep their meaning. What it adds:
 | `act_topk_locations`    | where AbsTopK runs (names in `TOPK_LOCATIONS`); () = nowhere        | see below |
 | `use_attention_sinks`   | (TransformerLens's own) one learned sink logit per head            | False   |
 | `use_bigram_table`      | a dense d_vocab x d_vocab_out table whose row for the current token is added to the logits | False |
+| `residual_activation`   | "identity", or "relu": a ReLU on the residual stream after each block adds its output | "identity" |
+| `d_pos_emb`             | None: learned positions added to the residual. An int: positions of that width, not added but concatenated (each through its own norm, `ln_p1`/`ln_p2`) to what attention and the MLP read, which then have `d_read = d_model + d_pos_emb` channels | None |
 
 `normalization_type` defaults to "RMS" (pre-norm RMSNorm), `act_fn` to "gelu", `initializer_range`
 to 0.02 (output projections get 0.02 / sqrt(2 n_layers)), `default_prepend_bos` to False (the
@@ -59,6 +61,7 @@ DEFAULT_TOPK_LOCATIONS: tuple[str, ...] = (
 )
 
 SUPPORTED_NORMS = ("RMS", "LN")
+RESIDUAL_ACTIVATIONS = ("identity", "relu")
 
 # Fields that are resolved at construction or not serialisable; never written to JSON.
 _NOT_SERIALISED = {"device", "n_params"}
@@ -73,6 +76,8 @@ class SparseHookedTransformerConfig(HookedTransformerConfig):
     act_topk_frac: float = 0.25
     act_topk_locations: tuple[str, ...] = DEFAULT_TOPK_LOCATIONS
     use_bigram_table: bool = False
+    residual_activation: str = "identity"
+    d_pos_emb: int | None = None
 
     # TransformerLens fields whose defaults differ for this project.
     d_vocab: int = 2048
@@ -101,6 +106,11 @@ class SparseHookedTransformerConfig(HookedTransformerConfig):
         else:
             _require(isinstance(self.n_heads, int) and self.n_heads >= 1, "n_heads",
                      "an integer >= 1 (or -1 for d_model / d_head)", self.n_heads)
+        _require(self.residual_activation in RESIDUAL_ACTIVATIONS, "residual_activation",
+                 f"one of {RESIDUAL_ACTIVATIONS}", self.residual_activation)
+        if self.d_pos_emb is not None:
+            _require(isinstance(self.d_pos_emb, int) and self.d_pos_emb >= 1, "d_pos_emb",
+                     "None or an integer >= 1", self.d_pos_emb)
         if self.d_mlp is not None:
             _require(isinstance(self.d_mlp, int) and self.d_mlp >= 1, "d_mlp", "an integer >= 1",
                      self.d_mlp)
@@ -123,8 +133,8 @@ class SparseHookedTransformerConfig(HookedTransformerConfig):
 
     def _validate_after_defaults(self) -> None:
         fan_ins = {
-            "d_model (fan-in of W_Q/W_K/W_V, W_in, W_U, and of each token's embedding row)":
-                self.d_model,
+            "d_model (fan-in of W_U and of each token's embedding row)": self.d_model,
+            "d_read (fan-in of W_Q/W_K/W_V and W_in)": self.d_read,
             "n_heads * d_head (fan-in of W_O)": self.n_heads * self.d_head,
             "d_mlp (fan-in of W_out)": self.d_mlp,
         }
@@ -137,6 +147,12 @@ class SparseHookedTransformerConfig(HookedTransformerConfig):
                      f"large enough to keep >= 1 of {smallest} channels", self.act_topk_frac)
 
     # ------------------------------------------------------------------- helpers
+    @property
+    def d_read(self) -> int:
+        """Channels attention and the MLP read: d_model, plus d_pos_emb when positions are
+        concatenated."""
+        return self.d_model + (self.d_pos_emb or 0)
+
     @property
     def is_weight_sparse(self) -> bool:
         return self.weight_l0 < 1.0

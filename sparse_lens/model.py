@@ -91,6 +91,9 @@ class SparseHookedTransformer(HookedTransformer):
         self.blocks = nn.ModuleList(
             [SparseTransformerBlock(cfg, i) for i in range(cfg.n_layers)]
         )  # type: ignore[assignment]
+        if cfg.d_pos_emb is not None:
+            # positions of their own width, concatenated to each block's reads (see get_residual)
+            self.pos_embed.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_pos_emb, dtype=cfg.dtype))
         if cfg.use_bigram_table:
             self.bigram = nn.Parameter(torch.zeros(cfg.d_vocab, cfg.d_vocab_out, dtype=cfg.dtype))
             self.hook_bigram_logits = HookPoint()  # [batch, pos, d_vocab_out]
@@ -163,6 +166,19 @@ class SparseHookedTransformer(HookedTransformer):
         if return_type == "both":
             return Output(logits, loss)
         raise ValueError(f"return_type must be logits, loss, both or None; got {return_type!r}")
+
+    def get_residual(self, embed, pos_offset, prepend_bos=USE_DEFAULT_VALUE, attention_mask=None,
+                     tokens=None, return_shortformer_pos_embed=True, device=None):
+        """TransformerLens's embedding step. With `d_pos_emb` set the residual stream starts as
+        the token embedding alone and the position embedding ([batch, pos, d_pos_emb], seen by
+        `hook_pos_embed`) travels to every block, like TransformerLens's shortformer one."""
+        if self.cfg.d_pos_emb is None:
+            return super().get_residual(embed, pos_offset, prepend_bos, attention_mask, tokens,
+                                        return_shortformer_pos_embed, device)
+        if tokens is None:
+            tokens = torch.ones(embed.shape[:2], dtype=torch.long, device=embed.device)
+        pos_embed = self.hook_pos_embed(self.pos_embed(tokens, pos_offset, attention_mask))
+        return (embed, pos_embed) if return_shortformer_pos_embed else embed
 
     def generate(self, *args, **kwargs):
         """`HookedTransformer.generate`. With a bigram table the bigram logits need the tokens,
@@ -241,3 +257,18 @@ class SparseHookedTransformer(HookedTransformer):
         `HookedTransformer.from_pretrained`, no weight processing (folding, centring) is done,
         which would destroy exact sparsity."""
         return checkpoint.load_model(cls, path, device=device)
+
+    @classmethod
+    def from_circuit_sparsity(
+        cls,
+        path: str | Path,
+        tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
+        device: str | torch.device | None = None,
+    ) -> SparseHookedTransformer:
+        """Open a model of OpenAI's circuit_sparsity release: a folder with `beeg_config.json`
+        and `final_model.pt`. `tokenizer`: the release's `tinypython_2k` folder (`encoder.json` +
+        `vocab.bpe`) or any tokenizer; without one the model works on token ids. The outputs
+        equal the release's own model code's; see `sparse_lens.openai_release`."""
+        from sparse_lens.openai_release import load_release_model
+
+        return load_release_model(cls, path, tokenizer=tokenizer, device=device)

@@ -6,13 +6,16 @@ block reads or writes, one q/k/v channel of one head, one MLP neuron. Per layer 
 ==============  ===============================  ===================  =================
 kind            hook                             node shape per token  meaning
 ==============  ===============================  ===================  =================
-`attn_read`     `blocks.L.hook_attn_read`        [d_model]            channel attention reads
+`attn_read`     `blocks.L.hook_attn_read`        [d_read]             channel attention reads
 `q`, `k`, `v`   `blocks.L.attn.hook_{q,k,v}`     [n_heads, d_head]    one head's channel
 `attn_write`    `blocks.L.hook_attn_out`         [d_model]            channel attention writes
-`mlp_read`      `blocks.L.hook_mlp_read`         [d_model]            channel the MLP reads
+`mlp_read`      `blocks.L.hook_mlp_read`         [d_read]             channel the MLP reads
 `neuron`        `blocks.L.mlp.hook_post`         [d_mlp]              MLP neuron
 `mlp_write`     `blocks.L.hook_mlp_out`          [d_model]            channel the MLP writes
 ==============  ===============================  ===================  =================
+
+`d_read` is d_model, plus d_pos_emb for models that concatenate positions to the reads (read
+channels d_model.. are then position channels, fed by no residual write).
 
 All nodes are numbered 0..n_nodes-1 in that order (layer-major, then kind, then the flattened
 index of the hook's trailing dimensions), so a mask or a mean over nodes is one flat vector.
@@ -68,12 +71,14 @@ class NodeRegistry:
     vector as one tensor per hook, shaped like one token's activations there), `table()` (one
     row per node) and `describe(ids)`."""
 
-    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_head: int, d_mlp: int):
-        shapes = {"attn_read": (d_model,), "q": (n_heads, d_head), "k": (n_heads, d_head),
-                  "v": (n_heads, d_head), "attn_write": (d_model,), "mlp_read": (d_model,),
+    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_head: int, d_mlp: int,
+                 d_read: int | None = None):
+        d_read = d_model if d_read is None else d_read  # > d_model: positions concatenated
+        shapes = {"attn_read": (d_read,), "q": (n_heads, d_head), "k": (n_heads, d_head),
+                  "v": (n_heads, d_head), "attn_write": (d_model,), "mlp_read": (d_read,),
                   "neuron": (d_mlp,), "mlp_write": (d_model,)}
         self.dims = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head,
-                         d_mlp=d_mlp)
+                         d_mlp=d_mlp, d_read=d_read)
         sites, offset = [], 0
         for layer in range(n_layers):
             for kind, template in NODE_HOOKS.items():
@@ -91,7 +96,8 @@ class NodeRegistry:
         c = model.cfg
         if c.d_mlp is None or getattr(c, "attn_only", False):
             raise ValueError("the node registry needs a model with MLP blocks (d_mlp set)")
-        return cls(c.n_layers, c.d_model, c.n_heads, c.d_head, c.d_mlp)
+        return cls(c.n_layers, c.d_model, c.n_heads, c.d_head, c.d_mlp,
+                   getattr(c, "d_read", c.d_model))
 
     def site(self, hook_name: str) -> NodeSite:
         try:
