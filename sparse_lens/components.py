@@ -174,7 +174,9 @@ class SparseTransformerBlock(TransformerBlock):
         read = norm(resid)
         if self.cfg.d_pos_emb is None:
             return read
-        pos = getattr(self, pos_norm_name)(pos_embed.to(read.device))
+        # generate() with a KV cache feeds the last token's residual with every position's
+        # embedding: the residual's positions are the last ones
+        pos = getattr(self, pos_norm_name)(pos_embed[:, -read.shape[1]:].to(read.device))
         return torch.cat([read, pos.expand(read.shape[0], -1, -1)], dim=-1)
 
     def _residual_act(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:

@@ -171,7 +171,14 @@ class SparseHookedTransformer(HookedTransformer):
                      tokens=None, return_shortformer_pos_embed=True, device=None):
         """TransformerLens's embedding step. With `d_pos_emb` set the residual stream starts as
         the token embedding alone and the position embedding ([batch, pos, d_pos_emb], seen by
-        `hook_pos_embed`) travels to every block, like TransformerLens's shortformer one."""
+        `hook_pos_embed`) travels to every block, like TransformerLens's shortformer one.
+
+        `generate()` calls this with the embeddings of the *whole* sequence and, with a KV
+        cache, `pos_offset` = the cached length; without an attention mask (token input and no
+        tokenizer) TransformerLens 3.9 would then start the positions at that offset instead of
+        0. Only `generate()` calls this without `tokens`, so that case starts at 0."""
+        if tokens is None and attention_mask is None:
+            pos_offset = 0
         if self.cfg.d_pos_emb is None:
             return super().get_residual(embed, pos_offset, prepend_bos, attention_mask, tokens,
                                         return_shortformer_pos_embed, device)

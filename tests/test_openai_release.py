@@ -139,6 +139,21 @@ def test_hooks_and_run_with_cache_work_on_an_imported_model(tmp_path):
         model(cache["blocks.1.hook_resid_pre"], start_at_layer=1)
 
 
+@pytest.mark.parametrize("name", ["cat_pos_emb_rms_topk_reads", "bigram_sink_dhead_dmlp"])
+def test_generate_continues_like_the_release_model_with_and_without_the_kv_cache(tmp_path, name):
+    folder, cfg, sd = release_folder(tmp_path, name, VARIANTS[name])
+    model = load(folder)  # no tokenizer: TransformerLens gets no attention mask
+    prompt = tokens_for(cfg, batch=2)[:, :4]
+    expected = prompt
+    for _ in range(8):
+        nxt = release_logits(sd, cfg, expected)[:, -1].argmax(-1, keepdim=True)
+        expected = torch.cat([expected, nxt], dim=1)
+    for cache in (True, False):
+        out = model.generate(prompt, max_new_tokens=8, do_sample=False, use_past_kv_cache=cache,
+                             stop_at_eos=False, verbose=False)
+        assert torch.equal(out, expected), cache
+
+
 X, Y, A, B = 1, 2, 3, 4
 READ, NEURON, WRITE = 3, 5, 7
 
