@@ -137,3 +137,42 @@ def test_cuda_asked_for_without_cuda_is_a_clear_error(corpus, tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="cuda"):
         train(tiny_cfg(), short(device="cuda"), tmp_path / "r", corpus=corpus, progress=False)
+
+
+_TRAIN_AND_HASH = """
+import hashlib, sys, torch
+from sparse_lens import training
+from sparse_lens.config import SparseHookedTransformerConfig
+torch.set_num_threads(2)  # >1 thread: the embedding backward's parallel atomic adds (see training.py)
+if sys.argv[2] == "unguarded":
+    training.deterministic_algorithms = lambda enabled=True: training.contextlib.nullcontext()
+tc = training.TrainConfig(steps=12, batch_size=8, seq_len=64, max_files=30, eval_every=12,
+                          eval_batches=1, checkpoint_every=12)
+result = training.train(SparseHookedTransformerConfig.preset("tiny"), tc, sys.argv[1], progress=False)
+assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is restored
+h = hashlib.sha256()
+for name, p in sorted(result.model.state_dict().items()):
+    h.update(name.encode() + p.detach().contiguous().numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def _train_in_subprocess(tmp_path, name, hash_seed, mode="guarded"):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "SPARSE_LENS_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", _TRAIN_AND_HASH, str(tmp_path / name), mode],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split()[-1]
+
+
+def test_training_from_scratch_is_bitwise_reproducible_across_processes(tmp_path):
+    """Two fresh processes (different hash seeds; the first tokenizes the corpus, the second reads
+    the token cache) train the same weights, bit for bit, with 2 threads: a batch of 8 x 64
+    tokens x d_model 64 is large enough for the embedding backward's multithreaded path."""
+    first = _train_in_subprocess(tmp_path, "a", hash_seed=1)
+    second = _train_in_subprocess(tmp_path, "b", hash_seed=2)
+    assert first == second
