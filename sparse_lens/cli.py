@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tokenizer", type=Path, default=None,
                    help="the release's tinypython_2k folder (encoder.json + vocab.bpe)")
     i.set_defaults(func=cmd_import_openai)
+    from sparse_lens.bridges.cli import add_bridges_parser  # argparse only: --help stays fast
+
+    add_bridges_parser(sub)
     return parser
 
 
