@@ -86,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tokenizer", type=Path, default=None,
                    help="the release's tinypython_2k folder (encoder.json + vocab.bpe)")
     i.set_defaults(func=cmd_import_openai)
+
+    a = sub.add_parser("analyze", help="re-run one of the paper's results (CSV, PNG, summary.md)",
+                       description="Run an analysis of sparse_lens.analyses: circuit-size (sparse vs "
+                       "dense), kurtosis, frontier, dilution, or all. Trains the models it needs into "
+                       "--models-dir (reused across analyses) and writes <out>/<name>/.")
+    a.add_argument("name", choices=["circuit-size", "kurtosis", "frontier", "dilution", "all"])
+    a.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results)")
+    a.add_argument("--models-dir", type=Path, default=Path("runs/analyses"),
+                   help="where the analyses' models are trained and reused (default runs/analyses)")
+    a.add_argument("--quick", action="store_true", help="tiny models, minutes (what the tests run)")
+    a.add_argument("--target-loss", type=float, default=None,
+                   help="task loss a circuit must reach (default 0.15, the paper's)")
+    a.add_argument("--tasks", nargs="+", default=None, help="tasks to prune (circuit-size, frontier)")
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=cmd_analyze)
     from sparse_lens.bridges.cli import add_bridges_parser  # argparse only: --help stays fast
 
     add_bridges_parser(sub)
@@ -194,6 +209,25 @@ def cmd_import_openai(args: argparse.Namespace) -> int:
           f"{c.d_head}, d_mlp {c.d_mlp}, vocab {c.d_vocab}, {topk}; weight L0 "
           f"{weight_l0(model):.5f}; tokenizer: {'yes' if model.tokenizer is not None else 'none (token ids only)'}")
     print(f"written to {args.out}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from sparse_lens import analyses
+    from sparse_lens.tasks import get_spec
+
+    for task in args.tasks or ():
+        get_spec(task)
+    names = list(analyses.ANALYSES) if args.name == "all" else [args.name]
+    for name in names:
+        options: dict = dict(progress=not args.no_progress)
+        if args.target_loss is not None and name != "kurtosis":
+            options["target_loss"] = args.target_loss
+        if args.tasks and name in ("circuit-size", "frontier"):
+            options["tasks"] = args.tasks
+        folder = analyses.run(name, args.out, args.models_dir, quick=args.quick, **options)
+        print(f"{name}: {folder}")
+        print((folder / "summary.md").read_text().split("\n\n")[1])
     return 0
 
 

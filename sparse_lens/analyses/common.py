@@ -1,0 +1,187 @@
+"""What every analysis shares: the models it trains (or reuses), pruning a set of tasks, and the
+output folder (CSV, PNG, summary.md, meta.json with the command, seeds, configs and versions).
+
+Models live in a models directory (default `runs/analyses`, `--models-dir`), one training run
+each, named by what they are (`small`, `small-dense`, `sweep-w128-l0_0.0625`); `train(...,
+resume=True)` reuses a finished run and continues an interrupted one, so analyses that need the
+same model train it once. `small` and `small-dense` are the runs `sparse-lens train [--dense]`
+makes, so `--models-dir runs` reuses the demo's model and the dense baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+#: Training settings of `--quick` runs: tiny models on a slice of the standard library.
+QUICK_TRAIN = dict(steps=20, batch_size=4, seq_len=32, max_files=20, eval_every=5,
+                   eval_batches=2, checkpoint_every=1000)
+#: Pruning settings of `--quick` runs.
+QUICK_PRUNE = dict(steps=5, n_train=16, n_eval=8, batch_size=8, mean_tokens=1024)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model an analysis trains: a preset, config overrides and training overrides."""
+
+    name: str
+    preset: str = "small"
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def configs(self, quick: bool):
+        from sparse_lens.config import SparseHookedTransformerConfig
+        from sparse_lens.training import TrainConfig
+
+        model_cfg = SparseHookedTransformerConfig.preset("tiny" if quick else self.preset, **self.model)
+        train_cfg = TrainConfig(**{**self.train, **(QUICK_TRAIN if quick else {})})
+        return model_cfg, train_cfg
+
+
+@dataclass
+class TrainedModel:
+    spec: ModelSpec
+    model: Any  # SparseHookedTransformer
+    path: Path
+    val_loss: float
+    history: list[dict]
+    seconds: float
+
+
+def train_model(spec: ModelSpec, models_dir: Path, quick: bool, progress: bool = False) -> TrainedModel:
+    """Train `spec` into `models_dir/spec.name` (or reuse the finished run there)."""
+    from sparse_lens.training import train
+
+    model_cfg, train_cfg = spec.configs(quick)
+    path = Path(models_dir) / spec.name
+    start = time.perf_counter()
+    result = train(model_cfg, train_cfg, path, resume=True, progress=progress)
+    result.model.eval()
+    return TrainedModel(spec, result.model, path, result.val_loss, result.history,
+                        time.perf_counter() - start)
+
+
+def prune_tasks(trained: TrainedModel, task_names, target_loss: float, quick: bool,
+                progress: bool = False, **prune_overrides) -> pd.DataFrame:
+    """Prune every task on one model at `target_loss`; one row per task (`Circuit.summary()`
+    plus the model's name and validation loss). Circuits are saved under the model's folder."""
+    from sparse_lens.hooks import node_means_for
+    from sparse_lens.pruning import PruneConfig, prune
+
+    overrides = {**(QUICK_PRUNE if quick else {}), **prune_overrides}
+    config = PruneConfig(target_loss=target_loss, progress=progress, **overrides)
+    means = node_means_for(trained.model, trained.path, n_tokens=config.mean_tokens)
+    rows = []
+    for task in task_names:
+        circuit = prune(trained.model, task, config, means=means)
+        circuit.save(trained.path / "circuits" / f"{task}-target{target_loss:g}")
+        rows.append(dict(model=trained.spec.name, val_loss=trained.val_loss, **circuit.summary()))
+    return pd.DataFrame(rows)
+
+
+def geometric_mean(values) -> float:
+    values = [float(v) for v in values]
+    if not values or any(v <= 0 for v in values):
+        return float("nan")
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+# --------------------------------------------------------------------------------- outputs
+def versions() -> dict[str, str]:
+    import torch
+    import transformer_lens
+
+    import sparse_lens
+
+    out = dict(python=platform.python_version(), torch=torch.__version__,
+               transformer_lens=getattr(transformer_lens, "__version__", "?"),
+               sparse_lens=getattr(sparse_lens, "__version__", "?"))
+    try:
+        import subprocess
+
+        out["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).parent).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = "?"
+    return out
+
+
+def write_outputs(out_dir: str | Path, name: str, table: pd.DataFrame, figure, summary: str,
+                  models: list[TrainedModel], settings: dict[str, Any]) -> Path:
+    """Write `<name>.csv`, `<name>.png`, `summary.md` and `meta.json` into `out_dir/name`.
+    `figure` is a matplotlib Figure (closed after saving)."""
+    import matplotlib.pyplot as plt
+
+    folder = Path(out_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / f"{name}.csv", index=False)
+    figure.savefig(folder / f"{name}.png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    command = " ".join(shlex.quote(a) for a in ["sparse-lens", *sys.argv[1:]]) \
+        if Path(sys.argv[0]).name in ("sparse-lens", "cli.py") else " ".join(map(shlex.quote, sys.argv))
+    meta = dict(
+        analysis=name, command=command, settings=settings, versions=versions(),
+        models=[dict(name=m.spec.name, path=str(m.path), val_loss=m.val_loss,
+                     train_seconds=round(m.seconds, 1),
+                     model_config=m.model.cfg.to_json_dict(),
+                     train_config=m.spec.configs(settings.get("quick", False))[1].to_json_dict())
+                for m in models],
+    )
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    (folder / "summary.md").write_text(
+        f"# {name}\n\n{summary.strip()}\n\nCommand: `{command}` (settings, seeds, model configs "
+        f"and versions in `meta.json`).\n\n![{name}]({name}.png)\n\n{table_markdown(table)}\n")
+    return folder
+
+
+def table_markdown(table: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A GitHub markdown table (no `tabulate` needed)."""
+    def cell(v):
+        if isinstance(v, float):
+            return "" if math.isnan(v) else format(v, floatfmt)
+        return "" if v is None else str(v)
+
+    head = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([head, rule, *rows])
+
+
+def settings_dict(**kwargs) -> dict[str, Any]:
+    return {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in kwargs.items()}
+
+
+# ---------------------------------------------------------------------- the width x L0 sweep
+#: The sweep the kurtosis and frontier analyses share: 2-layer models of three widths, each
+#: dense and at two weight L0s (CPU size; `--widths`/`--l0s` for larger sweeps on a GPU).
+SWEEP_WIDTHS = (64, 128, 256)
+SWEEP_L0S = (1.0, 1 / 4, 1 / 16)
+SWEEP_STEPS = 600
+QUICK_WIDTHS = (32, 64)
+QUICK_L0S = (1.0, 1 / 4)
+
+
+def sweep_specs(quick: bool, widths=None, l0s=None, steps: int | None = None) -> list[ModelSpec]:
+    """One `ModelSpec` per (width, weight L0): n_layers 2, d_head 16, d_mlp 4 x width."""
+    widths = widths or (QUICK_WIDTHS if quick else SWEEP_WIDTHS)
+    l0s = l0s or (QUICK_L0S if quick else SWEEP_L0S)
+    specs = []
+    for width in widths:
+        for l0 in l0s:
+            specs.append(ModelSpec(
+                f"sweep-w{width}-l0_{l0:.4g}", "small",
+                dict(n_layers=2, d_model=width, d_head=16, d_mlp=4 * width, weight_l0=float(l0),
+                     model_name=f"sweep-w{width}-l0_{l0:.4g}"),
+                dict(steps=steps or SWEEP_STEPS)))
+    return specs

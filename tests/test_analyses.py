@@ -1,0 +1,174 @@
+"""The analyses (`sparse_lens.analyses`, `sparse-lens analyze`): every one in `--quick` mode, with
+the content of its outputs checked, and the pieces each result rests on checked on known inputs.
+
+The quick models are barely trained, so the quick runs prune at a loose target (2.0 nats) that
+their full models meet: that exercises the whole path (optimisation, bisection, edges, ratios).
+"""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sparse_lens import analyses
+from sparse_lens.analyses.circuit_size import matched_dense_steps
+from sparse_lens.analyses.common import geometric_mean, table_markdown
+from sparse_lens.analyses.dilution import crossing, diluted_prompts, fit_inverse_length
+from sparse_lens.analyses.frontier import pareto_front
+from sparse_lens.analyses.kurtosis import excess_kurtosis
+
+LOOSE = 2.0
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """All four analyses in quick mode, sharing one models directory (as the CLI does)."""
+    out = tmp_path_factory.mktemp("results")
+    models = tmp_path_factory.mktemp("models")
+    folders = {
+        "kurtosis": analyses.run("kurtosis", out, models, quick=True),
+        "circuit-size": analyses.run("circuit-size", out, models, quick=True, target_loss=LOOSE),
+        "frontier": analyses.run("frontier", out, models, quick=True, target_loss=LOOSE),
+        "dilution": analyses.run("dilution", out, models, quick=True, target_loss=LOOSE),
+    }
+    return folders, models
+
+
+def read(folder):
+    name = folder.name
+    table = pd.read_csv(folder / f"{name}.csv")
+    meta = json.loads((folder / "meta.json").read_text())
+    png = (folder / f"{name}.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000  # a real plot, not an empty file
+    summary = (folder / "summary.md").read_text()
+    assert meta["command"] and meta["versions"]["torch"] == torch.__version__
+    for m in meta["models"]:
+        assert m["model_config"]["d_model"] >= 1 and m["train_config"]["seed"] == 0
+        assert math.isfinite(m["val_loss"])
+    return table, meta, summary
+
+
+def test_circuit_size_reports_both_losses_edges_and_their_geometric_mean_ratio(outputs):
+    table, meta, summary = read(outputs[0]["circuit-size"])
+    assert list(table.columns) == [
+        "task", "edges_dense", "edges_sparse", "nodes_dense", "nodes_sparse", "solved_dense",
+        "solved_sparse", "full_model_loss_dense", "full_model_loss_sparse",
+        "edge_ratio_dense_over_sparse"]
+    assert set(table.task) == {"single_double_quote", "bracket_counting"}
+    both = table.solved_dense & table.solved_sparse
+    assert both.all()  # every quick model meets the loose target
+    ratios = table.edges_dense[both] / table.edges_sparse[both]
+    expected = geometric_mean(ratios[table.edges_sparse[both] > 0])
+    got = meta["settings"]["geometric_mean_ratio"]
+    assert (math.isnan(expected) and (got is None or math.isnan(got))) or got == pytest.approx(expected)
+    sparse, dense = meta["models"][0], meta["models"][-1]
+    assert sparse["model_config"]["weight_l0"] < 1 and dense["model_config"]["weight_l0"] == 1
+    assert f"{sparse['val_loss']:.4f}" in summary and f"{dense['val_loss']:.4f}" in summary
+
+
+def test_kurtosis_has_every_site_of_every_model_and_says_the_trend(outputs):
+    table, meta, summary = read(outputs[0]["kurtosis"])
+    assert list(table.columns) == ["model", "d_model", "weight_l0", "val_loss", "site", "layer",
+                                   "final", "kurtosis"]
+    assert len(table) == 4 * 3  # 2 widths x 2 L0s, embedding + 2 layers
+    assert np.isfinite(table["kurtosis"]).all() and (table["kurtosis"] >= -3).all()
+    assert set(table.d_model) == {32, 64} and set(table.weight_l0) == {1.0, 0.25}
+    assert table.final.sum() == 4
+    assert "Kurtosis rises monotonically as L0 falls at" in summary
+
+
+def test_frontier_marks_the_models_no_other_beats(outputs):
+    table, meta, summary = read(outputs[0]["frontier"])
+    assert list(table.columns) == ["model", "d_model", "weight_l0", "val_loss", "tasks_solved",
+                                   "tasks", "mean_edges", "mean_nodes", "on_frontier"]
+    assert len(table) == 4 and np.isfinite(table.val_loss).all()
+    solved = table[table.tasks_solved > 0]
+    assert len(solved) and np.isfinite(solved.mean_edges).all()
+    assert table.on_frontier.tolist() == pareto_front(table.val_loss, table.mean_edges).tolist()
+    assert table.on_frontier.any()
+    per_task = pd.read_csv(outputs[0]["frontier"] / "frontier_per_task.csv")
+    assert len(per_task) == 4 * len(meta["settings"]["tasks"])
+
+
+def test_dilution_lengthens_the_prompts_and_reports_flip_lengths(outputs):
+    table, meta, summary = read(outputs[0]["dilution"])
+    assert list(table.columns) == ["extra_items", "mean_tokens", "full_logit_diff", "full_accuracy",
+                                   "circuit_logit_diff", "circuit_accuracy", "circuit_fit"]
+    assert table.extra_items.tolist() == list(range(len(table)))
+    assert table.mean_tokens.is_monotonic_increasing and table.mean_tokens.diff().dropna().gt(1).all()
+    assert np.isfinite(table[["full_logit_diff", "circuit_logit_diff", "circuit_fit"]]).all().all()
+    settings = meta["settings"]
+    expected = crossing(table.mean_tokens, table.full_logit_diff)
+    assert (math.isnan(expected) and settings["full_flip_tokens"] != settings["full_flip_tokens"]) \
+        or settings["full_flip_tokens"] == pytest.approx(expected)
+
+
+def test_the_cli_runs_an_analysis_and_rejects_unknown_ones(outputs, tmp_path, capsys):
+    from sparse_lens.cli import main
+
+    assert main(["analyze", "kurtosis", "--quick", "--out", str(tmp_path / "r"),
+                 "--models-dir", str(outputs[1]), "--no-progress"]) == 0
+    assert "Excess kurtosis" in capsys.readouterr().out
+    assert (tmp_path / "r" / "kurtosis" / "kurtosis.csv").is_file()
+    with pytest.raises(SystemExit):
+        main(["analyze", "nonsense"])
+    with pytest.raises(ValueError, match="unknown analysis"):
+        analyses.run("nonsense", tmp_path)
+    assert main(["analyze", "frontier", "--quick", "--tasks", "no_such_task", "--out",
+                 str(tmp_path / "r")]) == 2
+
+
+# ------------------------------------------------------------------- the pieces, on known inputs
+def test_excess_kurtosis_of_known_vectors():
+    gaussian = torch.randn(2000, 512, generator=torch.Generator().manual_seed(0))
+    assert excess_kurtosis(gaussian).mean().item() == pytest.approx(0.0, abs=0.05)
+    d = 64
+    spike = torch.zeros(d)
+    spike[3] = 5.0
+    # one nonzero among d: kurtosis = (d^2 - 3d + 3) / (d - 1), minus 3
+    assert excess_kurtosis(spike).item() == pytest.approx((d * d - 3 * d + 3) / (d - 1) - 3)
+    assert excess_kurtosis(torch.tensor([1.0, -1.0] * 8)).item() == pytest.approx(-2.0)
+
+
+def test_pareto_front_on_hand_points():
+    loss = pd.Series([3.0, 2.5, 2.0, 2.6, 2.0, float("nan")])
+    size = pd.Series([10.0, 20.0, 50.0, 30.0, 60.0, 1.0])
+    assert pareto_front(loss, size).tolist() == [True, True, True, False, False, False]
+
+
+def test_inverse_length_fit_and_crossing_recover_a_known_flip():
+    lengths = np.array([20.0, 24.0, 28.0, 32.0])
+    a, b = -1.0, 60.0  # zero at L = 60
+    a_fit, b_fit, zero = fit_inverse_length(lengths, a + b / lengths)
+    assert (a_fit, b_fit, zero) == pytest.approx((a, b, 60.0))
+    grid = np.arange(20.0, 100.0, 4.0)
+    assert crossing(grid, a + b / grid) == pytest.approx(60.0, abs=0.5)
+    assert math.isnan(crossing([1, 2, 3], [-1.0, -2.0, -3.0]))  # wrong from the start
+    assert math.isnan(crossing([1, 2, 3], [3.0, 2.0, 1.0]))  # never flips
+    assert math.isnan(fit_inverse_length(lengths, 1.0 + 0 * lengths)[2])
+
+
+def test_diluted_prompts_append_items_to_the_open_list():
+    base = ["x = [[1, 2], [3", "print([['a'"]
+    for k in (0, 1, 5):
+        out = diluted_prompts(base, k)
+        assert all(o.startswith(b) and o[len(b):].count(", ") == k for o, b in zip(out, base))
+        assert all(o.count("[") == b.count("[") for o, b in zip(out, base))
+
+
+def test_matched_dense_steps_reads_the_first_evaluation_at_the_target():
+    history = [dict(step=100, val_loss=5.0), dict(step=150, loss=4.0),
+               dict(step=200, val_loss=4.2), dict(step=300, val_loss=3.9)]
+    assert matched_dense_steps(history, 4.5) == 200
+    assert matched_dense_steps(history, 3.0) is None
+
+
+def test_geometric_mean_and_markdown_table():
+    assert geometric_mean([2.0, 8.0]) == pytest.approx(4.0)
+    assert math.isnan(geometric_mean([])) and math.isnan(geometric_mean([1.0, 0.0]))
+    md = table_markdown(pd.DataFrame(dict(a=[1, 2], b=[0.5, float("nan")])))
+    assert md.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.5 |", "| 2 |  |"]
