@@ -227,7 +227,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             options["tasks"] = args.tasks
         folder = analyses.run(name, args.out, args.models_dir, quick=args.quick, **options)
         print(f"{name}: {folder}")
-        print((folder / "summary.md").read_text().split("\n\n")[1])
+        summary = (folder / "summary.md").read_text()
+        print(summary.split("\n\n", 1)[1].split("\n\nCommand:")[0])
     return 0
 
 

@@ -77,6 +77,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 250
+    # stop (and save) at the first evaluation whose validation loss is <= this: a model trained
+    # to a given loss (the analyses' dense baseline at the sparse model's loss); None = never
+    stop_at_val_loss: float | None = None
     seed: int = 0
     device: str = "cpu"
     # the corpus: None = the running interpreter's standard library
@@ -256,6 +259,9 @@ def _train(
 
     model.train()
     val_loss = history[-1]["val_loss"] if history else float("nan")
+    last_step = first_step
+    if _reached(tc, val_loss):  # a resumed run that had already stopped at its target loss
+        first_step = tc.steps
     bar = tqdm(range(first_step, tc.steps), initial=first_step, total=tc.steps,
                disable=not progress, desc="sparse train" if model_cfg.is_weight_sparse else "dense train")
     for step in bar:
@@ -270,7 +276,7 @@ def _train(
                 f"{err} at step {step}; stopping. The last good checkpoint is kept in "
                 f"{out_dir} (step {_saved_step(out_dir)}); lower TrainConfig.lr or check the data"
             ) from err
-        done = step + 1
+        done = last_step = step + 1
         record = dict(step=done, loss=loss, l0=l0, lr=lr)
         if done % tc.eval_every == 0 or done == tc.steps:
             val_loss = evaluate(model, val_batches)
@@ -279,12 +285,18 @@ def _train(
             log.info("step %d/%d  loss %.4f  val %.4f  L0 %.4f  lr %.3g",
                      done, tc.steps, loss, val_loss, l0, lr)
         bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}", l0=f"{l0:.4f}")
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
+        stop = _reached(tc, val_loss) and "val_loss" in record
+        if done % tc.checkpoint_every == 0 or done == tc.steps or stop:
             _save_run(out_dir, model, optimizer, done, model_cfg, tc, history, unigram)
+        if stop:
+            log.info("validation loss %.4f <= stop_at_val_loss %.4f: stopping at step %d",
+                     val_loss, tc.stop_at_val_loss, done)
+            break
     bar.close()
-    if not history or history[-1]["step"] != tc.steps:
+    steps_done = max(last_step, history[-1]["step"] if history else 0)
+    if not history or history[-1]["step"] != steps_done:
         val_loss = evaluate(model, val_batches)
-    return TrainResult(model=model, out_dir=out_dir, steps=tc.steps, val_loss=val_loss,
+    return TrainResult(model=model, out_dir=out_dir, steps=steps_done, val_loss=val_loss,
                        unigram_val_loss=unigram, history=history,
                        seconds=time.perf_counter() - start)
 
@@ -347,6 +359,11 @@ def _saved_step(out_dir: Path) -> int | str:
         return checkpoint.read_json(out_dir / TRAINING_DIR / "state.json")["step"]
     except checkpoint.CheckpointError:
         return "none written yet"
+
+
+def _reached(tc: TrainConfig, val_loss: float) -> bool:
+    """Whether `val_loss` meets the run's `stop_at_val_loss` (never when it has none)."""
+    return tc.stop_at_val_loss is not None and val_loss <= tc.stop_at_val_loss
 
 
 def _resolve_device(device: str) -> str:

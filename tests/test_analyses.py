@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from sparse_lens import analyses
-from sparse_lens.analyses.circuit_size import matched_dense_steps
 from sparse_lens.analyses.common import geometric_mean, table_markdown
 from sparse_lens.analyses.dilution import crossing, diluted_prompts, fit_inverse_length
 from sparse_lens.analyses.frontier import pareto_front
@@ -65,9 +64,13 @@ def test_circuit_size_reports_both_losses_edges_and_their_geometric_mean_ratio(o
     expected = geometric_mean(ratios[table.edges_sparse[both] > 0])
     got = meta["settings"]["geometric_mean_ratio"]
     assert (math.isnan(expected) and (got is None or math.isnan(got))) or got == pytest.approx(expected)
-    sparse, dense = meta["models"][0], meta["models"][-1]
+    sparse, dense = meta["models"]
     assert sparse["model_config"]["weight_l0"] < 1 and dense["model_config"]["weight_l0"] == 1
     assert f"{sparse['val_loss']:.4f}" in summary and f"{dense['val_loss']:.4f}" in summary
+    # the dense model stopped at its first evaluation at or below the sparse model's loss
+    assert dense["train_config"]["stop_at_val_loss"] == pytest.approx(sparse["val_loss"], abs=1e-4)
+    assert dense["val_loss"] <= dense["train_config"]["stop_at_val_loss"] or \
+        meta["settings"]["dense_steps"] == dense["train_config"]["steps"]
 
 
 def test_kurtosis_has_every_site_of_every_model_and_says_the_trend(outputs):
@@ -158,13 +161,6 @@ def test_diluted_prompts_append_items_to_the_open_list():
         out = diluted_prompts(base, k)
         assert all(o.startswith(b) and o[len(b):].count(", ") == k for o, b in zip(out, base))
         assert all(o.count("[") == b.count("[") for o, b in zip(out, base))
-
-
-def test_matched_dense_steps_reads_the_first_evaluation_at_the_target():
-    history = [dict(step=100, val_loss=5.0), dict(step=150, loss=4.0),
-               dict(step=200, val_loss=4.2), dict(step=300, val_loss=3.9)]
-    assert matched_dense_steps(history, 4.5) == 200
-    assert matched_dense_steps(history, 3.0) is None
 
 
 def test_geometric_mean_and_markdown_table():

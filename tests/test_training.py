@@ -53,6 +53,21 @@ def test_dense_baseline_uses_the_same_entry_point_and_stays_dense(corpus, tmp_pa
     assert all(r["l0"] == 1.0 for r in result.history)
 
 
+def test_stop_at_val_loss_stops_at_the_first_evaluation_that_reaches_it(corpus, tmp_path):
+    free = train(tiny_cfg(), short(), tmp_path / "free", corpus=corpus, progress=False)
+    target = free.history[1]["val_loss"]  # reached at step 20 of 40 (the same run, up to there)
+    assert all(r["val_loss"] > target for r in free.history[:1])
+    tc = short(stop_at_val_loss=target)
+    stopped = train(tiny_cfg(), tc, tmp_path / "stop", corpus=corpus, progress=False)
+    assert stopped.steps == 20 and stopped.val_loss == target
+    assert [r["step"] for r in stopped.history] == [10, 20]
+    # resuming a stopped run trains no further and gives the same weights
+    again = train(tiny_cfg(), tc, tmp_path / "stop", resume=True, corpus=corpus, progress=False)
+    assert again.steps == 20
+    for (_, a), (_, b) in zip(stopped.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(a, b)
+
+
 def test_l0_is_annealed_over_the_first_half(corpus, tmp_path):
     result = train(tiny_cfg(weight_l0=1 / 8), short(steps=40), tmp_path / "r", corpus=corpus,
                    progress=False)

@@ -3,10 +3,10 @@ circuits are about 16x smaller).
 
 1. Train the weight-sparse model (`small` preset, its default weight L0) and the dense baseline
    (same shape, weight L0 = 1) for the same steps on the same corpus.
-2. Match the losses: a dense model of the same shape reaches the sparse model's final validation
-   loss much earlier, so read the step where the dense run's validation curve first gets there,
-   and train a dense model for that many steps (its own schedule, LR decayed to 0 at the end).
-   Both losses are reported; the match is as close as the evaluation interval allows.
+2. Match the losses: a dense model of the same shape gets to the sparse model's final
+   validation loss much earlier, so the dense run (same settings) stops at its first evaluation
+   at or below that loss (`TrainConfig.stop_at_val_loss`, evaluated every 25 steps). Both
+   losses are reported; the match is as close as the evaluation interval allows.
 3. Prune every task on the sparse model and on the matched dense model at the same target loss;
    per task the edges of each (`Circuit.n_edges`), and the geometric mean of dense/sparse edges
    over the tasks both solve.
@@ -26,15 +26,6 @@ NAME = "circuit_size"
 QUICK_TASKS = ("single_double_quote", "bracket_counting")
 
 
-def matched_dense_steps(dense_history: list[dict], target_val_loss: float) -> int | None:
-    """The first evaluated step of a dense run whose validation loss is <= `target_val_loss`
-    (None if it never gets there)."""
-    for record in dense_history:
-        if "val_loss" in record and record["val_loss"] <= target_val_loss:
-            return int(record["step"])
-    return None
-
-
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target_loss: float = 0.15,
         tasks: list[str] | None = None, preset: str = "small", progress: bool = False) -> Path:
     from sparse_lens.tasks import list_tasks
@@ -42,16 +33,16 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
     models_dir = Path(models_dir)
     tasks = list(tasks or (QUICK_TASKS if quick else list_tasks()))
     sparse = train_model(ModelSpec(preset, preset), models_dir, quick, progress)
-    dense_full = train_model(ModelSpec(f"{preset}-dense", preset, dict(weight_l0=1.0)), models_dir,
-                             quick, progress)
-    steps = matched_dense_steps(dense_full.history, sparse.val_loss)
-    if steps is None or steps >= dense_full.spec.configs(quick)[1].steps:
-        dense, how = dense_full, "the dense run reached the sparse loss only at its end, or never: used it whole"
-    else:
-        dense = train_model(ModelSpec(f"{preset}-dense-{steps}steps", preset, dict(weight_l0=1.0),
-                                      dict(steps=steps)), models_dir, quick, progress)
-        how = (f"the dense run first reached the sparse model's loss at step {steps} of "
-               f"{dense_full.spec.configs(quick)[1].steps}; a dense model trained for {steps} steps")
+    target_val = float(f"{sparse.val_loss:.4f}")
+    dense = train_model(ModelSpec(f"{preset}-dense-to-{target_val:.4f}", preset, dict(weight_l0=1.0),
+                                  dict(stop_at_val_loss=target_val, eval_every=25)),
+                        models_dir, quick, progress)
+    dense_steps = dense.history[-1]["step"] if dense.history else 0
+    planned = dense.spec.configs(quick)[1].steps
+    how = (f"trained with the same settings until its validation loss first reached the sparse "
+           f"model's (evaluated every {dense.spec.configs(quick)[1].eval_every} steps): stopped at step "
+           f"{dense_steps} of {planned}" if dense.val_loss <= target_val else
+           f"trained for all {planned} steps without reaching the sparse model's loss")
 
     rows = []
     for trained, kind in ((sparse, "sparse"), (dense, "dense")):
@@ -75,9 +66,10 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
         + (f"**{ratio:.2f}x**." if ratio == ratio else "undefined (no task solved by both).")
     )
     fig = _plot(wide, both, ratio, target_loss)
-    return write_outputs(out_dir, NAME, wide, fig, summary, [sparse, dense_full, dense],
+    return write_outputs(out_dir, NAME, wide, fig, summary, [sparse, dense],
                          settings_dict(quick=quick, target_loss=target_loss, tasks=tasks,
-                                       preset=preset, matched_dense_steps=steps,
+                                       preset=preset, dense_steps=dense_steps,
+                                       sparse_val_loss=sparse.val_loss, dense_val_loss=dense.val_loss,
                                        geometric_mean_ratio=ratio))
 
 
