@@ -167,7 +167,7 @@ def settings_dict(**kwargs) -> dict[str, Any]:
 #: dense and at two weight L0s (CPU size; `--widths`/`--l0s` for larger sweeps on a GPU).
 SWEEP_WIDTHS = (64, 128, 256)
 SWEEP_L0S = (1.0, 1 / 4, 1 / 16)
-SWEEP_STEPS = 600
+SWEEP_STEPS = 400
 QUICK_WIDTHS = (32, 64)
 QUICK_L0S = (1.0, 1 / 4)
 
