@@ -17,8 +17,8 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("notebooks")
 
 
-def test_there_are_the_four_notebooks():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
+def test_there_are_the_five_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -24,7 +24,8 @@ def add_bridges_parser(sub) -> None:
     bsub = b.add_subparsers(dest="bridges_command", required=True)
 
     t = bsub.add_parser("train", help="train a sparse model with its bridges against a frozen dense model")
-    t.add_argument("--dense", type=Path, required=True, help="the dense model directory (e.g. runs/small-dense)")
+    t.add_argument("--dense", type=Path, required=True,
+                   help="the dense model directory (e.g. runs/small-dense)")
     t.add_argument("--out", type=Path, required=True, help="the bridged model directory to write")
     t.add_argument("--preset", default=None, help="sparse model preset (default: the dense model's shape)")
     t.add_argument("--weight-l0", type=float, default=None, help="sparse model's fraction of nonzeros")
@@ -113,7 +114,8 @@ def cmd_bridges_train(args: argparse.Namespace) -> int:
     print(f"saved to {result.out_dir} ({result.seconds:.0f} s)")
     print(f"validation: sparse CE {last['val_ce']:.4f}, KL(dense||sparse) {last['val_kl']:.4f}, "
           f"hybrid KL d->s {last['val_hybrid_d2s']:.4f}, s->d {last['val_hybrid_s2d']:.4f} "
-          f"(mean over sites), encoder NMSE {last['val_enc_nmse']:.3f}, decoder NMSE {last['val_dec_nmse']:.3f}")
+          f"(mean over sites), encoder NMSE {last['val_enc_nmse']:.3f}, "
+          f"decoder NMSE {last['val_dec_nmse']:.3f}")
     return 0
 
 
@@ -163,9 +165,9 @@ def cmd_bridges_edit(args: argparse.Namespace) -> int:
             circuit = prune(sparse, args.task, PruneConfig(target_loss=target, steps=args.prune_steps,
                                                            progress=not args.no_progress), means=means)
             notes.append(repr(circuit))
-            if circuit.full_model_misses_target:
-                notes.append(f"the sparse model misses even the loose target {target}: the node is "
-                             "chosen among all nodes")
+            if circuit.full_model_misses_target or not circuit.node_ids:
+                why = "misses even the loose target" if circuit.node_ids else "needs no node for"
+                notes.append(f"the sparse model {why} {target}: the node is chosen among all nodes")
             else:
                 candidates = separation[separation.id.isin(circuit.node_ids)]
         row = candidates.iloc[0]
@@ -174,7 +176,8 @@ def cmd_bridges_edit(args: argparse.Namespace) -> int:
         row = separation[separation.id == nid].iloc[0]
     edit = node_shift(registry, int(row.id), class_flip_shift(row, test.labels, args.strength))
     table, summary = task_edit_effect(dense, sparse, bridges, test, edit)
-    a, b = test.correct_str[int((test.labels == 0).nonzero()[0])], test.contrast_str[int((test.labels == 0).nonzero()[0])]
+    first = int((test.labels == 0).nonzero()[0])
+    a, b = test.correct_str[first], test.contrast_str[first]
     head = (f"Edit: {edit.label} (hook {edit.hook_name}, index {edit.index}) of the sparse model, at each "
             f"prompt's last token, shifted by {args.strength} x (other class's mean - own class's mean); "
             f"class means on {args.n} train prompts: {row.mean_0:.4f} (class 0, answer {a!r}), "
@@ -191,8 +194,8 @@ def cmd_bridges_edit(args: argparse.Namespace) -> int:
         table.to_csv(args.out / "edit_prompts.csv", index=False)
         separation.head(50).to_csv(args.out / "edit_separation_top50.csv", index=False)
         (args.out / "edit.md").write_text(text + "\n")
-        (args.out / "edit.json").write_text(json.dumps(dict(node=edit.label, node_id=edit.node_id,
-                                                            strength=args.strength, task=args.task), indent=1))
+        doc = dict(node=edit.label, node_id=edit.node_id, strength=args.strength, task=args.task)
+        (args.out / "edit.json").write_text(json.dumps(doc, indent=1))
         print(f"written to {args.out}/edit_summary.csv, edit_prompts.csv, edit.md")
     return 0
 

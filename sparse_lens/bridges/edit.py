@@ -144,7 +144,7 @@ def node_shift(registry: NodeRegistry, node: int | str, shift: Float[Tensor, " b
     from sparse_lens.circuit import node_label
 
     nid = node_id(registry, node)
-    row = registry.describe([nid]).iloc[0]
+    row = next(registry.describe([nid]).itertuples())
     site = registry.site(row.hook_name)
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(nid - site.offset), site.shape))
     shift = torch.as_tensor(shift, dtype=torch.float32)
@@ -224,7 +224,8 @@ def task_edit_effect(dense, sparse, bridges: Bridges, data, edit: NodeShift,
                                     ("dense", carried.dense_clean, carried.dense_edited),
                                     ("control", carried.dense_clean, control_logits)):
             frame.update(_pair_columns(name, clean, edited, part.last_pos, a, b))
-        frame["delta_dense_norm"] = norms.squeeze(-1)[torch.arange(len(part)), part.last_pos.to(norms.device)].cpu().numpy()
+        last = part.last_pos.to(norms.device)
+        frame["delta_dense_norm"] = norms.squeeze(-1)[torch.arange(len(part)), last].cpu().numpy()
         parts.append(pd.DataFrame(frame))
     table = pd.concat(parts, ignore_index=True)
     return table, summarise_edit(table)
@@ -240,7 +241,8 @@ def summarise_edit(table: pd.DataFrame) -> pd.DataFrame:
             row[f"{model}_d_logodds"] = g[f"{model}_d_logodds"].mean()
             row[f"{model}_d_p_a"] = (g[f"{model}_p_a_edit"] - g[f"{model}_p_a"]).mean()
             row[f"{model}_d_p_b"] = (g[f"{model}_p_b_edit"] - g[f"{model}_p_b"]).mean()
-            flipped = (g[f"{model}_p_a"] > g[f"{model}_p_b"]) != (g[f"{model}_p_a_edit"] > g[f"{model}_p_b_edit"])
+            before = g[f"{model}_p_a"] > g[f"{model}_p_b"]
+            flipped = before != (g[f"{model}_p_a_edit"] > g[f"{model}_p_b_edit"])
             row[f"{model}_flipped"] = flipped.mean()
         rows.append(row)
     return pd.DataFrame(rows)

@@ -68,10 +68,10 @@ def bridge_losses(
     terms = dict(
         ce=sparse.loss_fn(sparse_logits, tokens),
         kl=mean_kl(dense_logits, sparse_logits),
-        enc_nmse=_site_mean([nmse(bridges.encode(s, dense_acts[s.hook_name]), sparse_acts[s.hook_name].detach())
-                             for s in sites]),
-        dec_nmse=_site_mean([nmse(bridges.decode(s, sparse_acts[s.hook_name]), dense_acts[s.hook_name])
-                             for s in sites]),
+        enc_nmse=_site_mean([nmse(bridges.encode(s, dense_acts[s.hook_name]),
+                                  sparse_acts[s.hook_name].detach()) for s in sites]),
+        dec_nmse=_site_mean([nmse(bridges.decode(s, sparse_acts[s.hook_name]),
+                                  dense_acts[s.hook_name]) for s in sites]),
     )
     chosen = [sites[i] for i in (range(len(sites)) if hybrid_sites is None else hybrid_sites)]
     if not chosen:

@@ -128,7 +128,8 @@ class Bridges(nn.Module):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"Bridges.{name} must be an integer >= 1; got {value!r}")
         if encoder_topk_frac is not None and not 0.0 < encoder_topk_frac <= 1.0:
-            raise ValueError(f"Bridges.encoder_topk_frac must be None or in (0, 1]; got {encoder_topk_frac!r}")
+            raise ValueError(f"Bridges.encoder_topk_frac must be None or in (0, 1]; "
+                             f"got {encoder_topk_frac!r}")
         self.sites = bridge_sites(n_layers)
         self.n_layers, self.d_dense, self.d_sparse, self.d_vocab = n_layers, d_dense, d_sparse, d_vocab
         self.encoder_topk_frac = encoder_topk_frac
@@ -175,12 +176,12 @@ class Bridges(nn.Module):
                        f"{[s.hook_name for s in self.sites]}")
 
     def encode(self, site: int | str | BridgeSite,
-               x: Float[torch.Tensor, "batch pos d_dense"]) -> Float[torch.Tensor, "batch pos d_sparse"]:
+               x: Float[torch.Tensor, "*batch d_dense"]) -> Float[torch.Tensor, "*batch d_sparse"]:
         _check_width(x, self.d_dense, "dense residual")
         return self.encoders[self.site(site).index](x)
 
     def decode(self, site: int | str | BridgeSite,
-               x: Float[torch.Tensor, "batch pos d_sparse"]) -> Float[torch.Tensor, "batch pos d_dense"]:
+               x: Float[torch.Tensor, "*batch d_sparse"]) -> Float[torch.Tensor, "*batch d_dense"]:
         _check_width(x, self.d_sparse, "sparse residual")
         return self.decoders[self.site(site).index](x)
 
@@ -236,7 +237,8 @@ class Bridges(nn.Module):
         try:
             bridges = cls(**doc["config"])
         except (TypeError, ValueError) as err:
-            raise checkpoint.CheckpointError(f"invalid bridges config in {path / CONFIG_FILE}: {err}") from err
+            raise checkpoint.CheckpointError(
+                f"invalid bridges config in {path / CONFIG_FILE}: {err}") from err
         if doc.get("sites") != [s.hook_name for s in bridges.sites]:
             raise checkpoint.CheckpointError(f"{path / CONFIG_FILE}: its sites {doc.get('sites')} are not "
                                              f"those of a {bridges.n_layers}-layer model")

@@ -72,8 +72,10 @@ class BridgeTrainConfig:
             raise ValueError(f"BridgeTrainConfig.loss_weights has unknown terms {unknown}; "
                              f"terms are {list(LOSS_TERMS)}")
         if any(not (w >= 0 and math.isfinite(w)) for w in self.loss_weights.values()):
-            raise ValueError(f"BridgeTrainConfig.loss_weights must be finite and >= 0; got {self.loss_weights}")
-        if self.hybrid_sites is not None and not (isinstance(self.hybrid_sites, int) and self.hybrid_sites >= 1):
+            raise ValueError("BridgeTrainConfig.loss_weights must be finite and >= 0; "
+                             f"got {self.loss_weights}")
+        sites = self.hybrid_sites
+        if sites is not None and not (isinstance(sites, int) and sites >= 1):
             raise ValueError(f"BridgeTrainConfig.hybrid_sites must be None or an integer >= 1; "
                              f"got {self.hybrid_sites!r}")
         if self.encoder_topk_frac is not None and not 0.0 < self.encoder_topk_frac <= 1.0:
@@ -93,7 +95,7 @@ class BridgeTrainResult:
     sparse: SparseHookedTransformer
     bridges: Bridges
     out_dir: Path
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]  # one record per step: losses, l0, lr (val_* at evaluations)
     seconds: float = 0.0
 
 
@@ -147,7 +149,7 @@ def _train(dense, sparse, config: BridgeTrainConfig, out_dir: Path, corpus, prog
         optimizer.add_param_group(dict(params=params, weight_decay=decay))
     sparse_params, bridge_params = list(sparse.parameters()), list(bridges.parameters())
     target_l0 = sparse.cfg.weight_l0
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     sparse.train()
     bar = tqdm(range(tc.steps), disable=not progress, desc="bridged train")
     for step in bar:
