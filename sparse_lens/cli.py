@@ -52,13 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prune)
 
-    d = sub.add_parser("demo", help="train (or reuse) the small model, prune tasks, write the report",
-                       description="The main job: train the small weight-sparse model on the standard "
-                       "library (or reuse a finished run), prune a handful of tasks, verify the "
-                       "circuits and write a self-contained HTML report.")
+    d = sub.add_parser("demo", help="the small model (shipped, or --retrain), prune tasks, write the report",
+                       description="The main job: take the small weight-sparse model (the checkpoint "
+                       "shipped in the package, made by `sparse-lens train`; or, with --retrain, train "
+                       "it on the standard library), prune a handful of tasks, verify the circuits "
+                       "and write a self-contained HTML report. A model already in --out is reused.")
     d.add_argument("--out", type=Path, default=Path("runs/small"), help="run directory (default runs/small)")
     d.add_argument("--preset", default="small")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: TrainConfig's)")
+    d.add_argument("--retrain", action="store_true",
+                   help="train from scratch instead of copying the shipped checkpoint (about 10 min "
+                   "on 2 CPU cores); a training run already in --out is resumed or reused")
     d.add_argument("--tasks", nargs="+", default=None, help="tasks to prune (default: four)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
@@ -239,7 +243,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tasks = tuple(args.tasks or DEMO_TASKS)
     for task in tasks:
         get_spec(task)
-    run_demo(args.out, args.preset, tasks, args.steps, progress=not args.no_progress)
+    run_demo(args.out, args.preset, tasks, args.steps, progress=not args.no_progress,
+             retrain=args.retrain)
     return 0
 
 

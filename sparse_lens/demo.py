@@ -1,10 +1,15 @@
-"""The one-command demo: train (or reuse) a model, prune a handful of tasks, write the report.
+"""The one-command demo: get a model, prune a handful of tasks, write the report.
 
-    sparse-lens demo                       # runs/small: train if needed, prune, verify, report
+    sparse-lens demo                       # runs/small: the shipped checkpoint, prune, verify, report
+    sparse-lens demo --retrain             # the same, training the small model from scratch first
 
-Each step reuses what is already in the run directory: a finished training run is loaded (an
-interrupted one resumes), the node means are cached next to the model, and the report is
-written to `<run>/report.html`. A task the model does not solve is reported as such.
+The model: a training run already in the run directory is loaded (an interrupted one resumes);
+else a model directory there (e.g. a copy of the shipped checkpoint) is reused; else, for the
+default settings (`small`, the default steps), the checkpoint shipped in the package
+(`sparse_lens.pretrained`, made by `sparse-lens train` with those settings) is copied there;
+else, or with `retrain=True`, the model is trained from scratch. The node means are cached next
+to the model, and the report is written to `<run>/report.html`. A task the model does not solve
+is reported as such.
 """
 
 from __future__ import annotations
@@ -24,25 +29,19 @@ def run_demo(
     tasks: tuple[str, ...] = DEMO_TASKS,
     steps: int | None = None,
     progress: bool = True,
+    retrain: bool = False,
 ) -> tuple[pd.DataFrame, Path]:
-    """Train or reuse `out_dir`, prune `tasks`, verify the solved ones, write the report.
-    Returns the summary table and the report's path. Prints progress as it goes."""
-    from sparse_lens.config import SparseHookedTransformerConfig
+    """Get the model in `out_dir` (see the module docstring; `retrain=True` never uses the shipped
+    checkpoint), prune `tasks`, verify the solved ones, write the report. Returns the summary
+    table and the report's path. Prints progress as it goes."""
     from sparse_lens.hooks import node_means_for
     from sparse_lens.pruning import PruneConfig, prune
-    from sparse_lens.training import TrainConfig, train
     from sparse_lens.viz import write_report
 
     out_dir = Path(out_dir)
     start = time.perf_counter()
-    tc = TrainConfig(**({} if steps is None else {"steps": steps}))
-    model_cfg = SparseHookedTransformerConfig.preset(preset)
-    print(f"[1/4] model: {out_dir} ({preset}, {tc.steps} steps; trained only where not done yet)")
-    result = train(model_cfg, tc, out_dir, resume=True, progress=progress)
-    model = result.model
+    model = get_model(out_dir, preset, steps, progress=progress, retrain=retrain)
     model.eval()
-    print(f"      model saved in {out_dir}; validation loss {result.val_loss:.4f} nats/token "
-          f"(unigram baseline {result.unigram_val_loss:.4f})")
 
     print("[2/4] node means over the standard library (cached next to the model)")
     config = PruneConfig(progress=progress)
@@ -66,3 +65,82 @@ def run_demo(
     print(summary.to_string(index=False))
     print(f"report: {report.resolve()}  ({time.perf_counter() - start:.0f} s in all)")
     return summary, report
+
+
+def model_source(out_dir: Path, preset: str, steps: int | None, retrain: bool = False) -> str:
+    """Where `run_demo` takes its model from: "train" (train from scratch, or resume or reuse
+    the training run in `out_dir`), "reuse" (a model directory in `out_dir` with no training
+    state, e.g. a copy of the shipped checkpoint), or "shipped" (copy the shipped checkpoint of
+    `preset` into `out_dir`: only with no model there, no `retrain`, and settings that are the
+    ones the shipped checkpoint was trained with, see `shipped_mismatch`)."""
+    from sparse_lens import checkpoint
+    from sparse_lens.training import TRAINING_DIR
+
+    if retrain or (out_dir / TRAINING_DIR).is_dir():
+        return "train"
+    if (out_dir / checkpoint.CONFIG_FILE).is_file():
+        return "reuse"
+    return "shipped" if shipped_mismatch(preset, steps) is None else "train"
+
+
+def shipped_mismatch(preset: str, steps: int | None) -> str | None:
+    """None if the package ships a checkpoint for `preset` trained with exactly the settings the
+    demo would train with (the preset's model config and `TrainConfig(steps=steps)`, fields
+    that change no weights aside); else why not."""
+    from sparse_lens import checkpoint, pretrained
+    from sparse_lens.config import SparseHookedTransformerConfig
+    from sparse_lens.training import TrainConfig
+
+    if preset not in pretrained.available():
+        return f"no checkpoint of {preset!r} is shipped"
+    made = pretrained.provenance(preset)
+    shipped_cfg = checkpoint.read_json(pretrained.path(preset) / checkpoint.CONFIG_FILE)["config"]
+    wanted_cfg = SparseHookedTransformerConfig.preset(preset).to_json_dict()
+    diffs = [f"model.{k}" for k, v in shipped_cfg.items() if wanted_cfg.get(k, v) != v]
+    wanted_tc = TrainConfig(**({} if steps is None else {"steps": steps})).to_json_dict()
+    diffs += [f"train.{k}" for k, v in wanted_tc.items()
+              if k not in TrainConfig.NON_RESULT_FIELDS and made["train_config"].get(k) != v]
+    return f"the shipped {preset!r} differs in {', '.join(diffs)}" if diffs else None
+
+
+def get_model(out_dir: Path, preset: str, steps: int | None, progress: bool = True,
+              retrain: bool = False):
+    """Step 1 of the demo: the model in `out_dir`, as `model_source` decides; says which."""
+    from sparse_lens import data, pretrained, training
+    from sparse_lens.config import SparseHookedTransformerConfig
+    from sparse_lens.model import SparseHookedTransformer
+
+    source = model_source(out_dir, preset, steps, retrain)
+    if source == "train":
+        tc = training.TrainConfig(**({} if steps is None else {"steps": steps}))
+        print(f"[1/4] model: training {preset} for {tc.steps} steps in {out_dir} "
+              f"(a run already there is resumed or reused){' (--retrain)' if retrain else ''}")
+        if not retrain and not (out_dir / training.TRAINING_DIR).is_dir():
+            print(f"      not from the shipped checkpoint: {shipped_mismatch(preset, steps)}")
+        result = training.train(SparseHookedTransformerConfig.preset(preset), tc, out_dir,
+                                resume=True, progress=progress)
+        print(f"      model saved in {out_dir}; validation loss {result.val_loss:.4f} nats/token "
+              f"(unigram baseline {result.unigram_val_loss:.4f})")
+        return result.model
+
+    if source == "shipped":
+        pretrained.materialise(preset, out_dir)
+        print(f"[1/4] model: the `{preset}` checkpoint shipped in the package "
+              f"(sparse_lens/pretrained_data/{preset}), copied to {out_dir}")
+    else:
+        print(f"[1/4] model: reusing the model in {out_dir}")
+    model = SparseHookedTransformer.from_pretrained(out_dir)
+    made = pretrained.shipped_provenance_of(out_dir)
+    if made is not None:
+        print(f"      it was {pretrained.describe_record(made)}")
+        print("      `sparse-lens demo --retrain` trains it from scratch instead "
+              "(about 10 minutes on 2 CPU cores)")
+    tc = training.TrainConfig()
+    corpus = data.load_corpus(tc.sources, model.tokenizer, val_fraction=tc.val_fraction,
+                              max_files=tc.max_files, cache_dir=data.default_cache_dir())
+    seq_len = tc.seq_len or model.cfg.n_ctx
+    val_loss = training.evaluate(model, data.validation_batches(corpus.val, tc.batch_size, seq_len,
+                                                                tc.eval_batches))
+    print(f"      validation loss here {val_loss:.4f} nats/token (unigram baseline "
+          f"{data.unigram_cross_entropy(corpus.train, corpus.val, model.cfg.d_vocab):.4f})")
+    return model
