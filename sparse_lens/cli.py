@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train from scratch instead of copying the shipped checkpoint (about 10 min "
                    "on 2 CPU cores); a training run already in --out is resumed or reused")
     d.add_argument("--tasks", nargs="+", default=None, help="tasks to prune (default: four)")
+    d.add_argument("--target-loss", type=float, default=0.15,
+                   help="task loss a circuit must reach (default 0.15, the paper's; a model that "
+                   "misses it on a task gets no circuit for it)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
@@ -244,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for task in tasks:
         get_spec(task)
     run_demo(args.out, args.preset, tasks, args.steps, progress=not args.no_progress,
-             retrain=args.retrain)
+             retrain=args.retrain, target_loss=args.target_loss)
     return 0
 
 

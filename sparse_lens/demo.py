@@ -30,10 +30,12 @@ def run_demo(
     steps: int | None = None,
     progress: bool = True,
     retrain: bool = False,
+    target_loss: float = 0.15,
 ) -> tuple[pd.DataFrame, Path]:
     """Get the model in `out_dir` (see the module docstring; `retrain=True` never uses the shipped
     checkpoint), prune `tasks`, verify the solved ones, write the report. Returns the summary
-    table and the report's path. Prints progress as it goes."""
+    table and the report's path. Prints progress as it goes. `target_loss` is the task loss
+    (mean binary CE, nats) a circuit must reach: the paper's 0.15 by default."""
     from sparse_lens.hooks import node_means_for
     from sparse_lens.pruning import PruneConfig, prune
     from sparse_lens.viz import write_report
@@ -44,7 +46,7 @@ def run_demo(
     model.eval()
 
     print("[2/4] node means over the standard library (cached next to the model)")
-    config = PruneConfig(progress=progress)
+    config = PruneConfig(target_loss=target_loss, progress=progress)
     means = node_means_for(model, out_dir, n_tokens=config.mean_tokens)
 
     print(f"[3/4] pruning {len(tasks)} tasks to target loss {config.target_loss}")
