@@ -181,15 +181,15 @@ class Circuit:
         return self.losses.get("full_model", 0.0) > target
 
     def summary(self) -> dict:
-        """One row for a table of circuits: task, nodes, edges, losses, seconds (nodes and edges
-        are None when the full model misses the target)."""
-        if self.full_model_misses_target:
-            return dict(task=self.task, solved=False, nodes=None, edges=None,
-                        full_model_loss=self.losses.get("full_model"), circuit_loss=None,
-                        seconds=round(self.seconds, 1))
-        return dict(task=self.task, solved=self.solved, nodes=self.n_nodes, edges=self.n_edges,
+        """One row for a table of circuits: task, nodes, edges, the target and the losses (task
+        loss, nats), seconds (nodes and edges are None when the full model misses the target)."""
+        missed = self.full_model_misses_target
+        return dict(task=self.task, solved=False if missed else self.solved,
+                    nodes=None if missed else self.n_nodes, edges=None if missed else self.n_edges,
+                    target_loss=getattr(self.config, "target_loss", None),
                     full_model_loss=self.losses.get("full_model"),
-                    circuit_loss=self.losses.get("circuit"), seconds=round(self.seconds, 1))
+                    circuit_loss=None if missed else self.losses.get("circuit"),
+                    seconds=round(self.seconds, 1))
 
     def __repr__(self) -> str:
         target = getattr(self.config, "target_loss", float("nan"))

@@ -21,6 +21,12 @@ import pandas as pd
 
 #: The tasks the demo prunes: the paper's two showcase circuits and two more.
 DEMO_TASKS: tuple[str, ...] = ("single_double_quote", "bracket_counting", "lambda_func", "for_while")
+#: The task loss the demo's circuits must reach. Not the paper's 0.15: the `small` model a CPU
+#: trains in minutes reaches 0.15 on no task (its full-model losses: lambda_func 0.19,
+#: single_double_quote 0.61, most others above chance, ln 2 = 0.69), so at 0.15 the demo would
+#: show no circuit at all. 0.65 is below chance, so a circuit must still carry the model's
+#: preference for the right answer; `--target-loss 0.15` gives the paper's criterion.
+DEMO_TARGET_LOSS = 0.65
 
 
 def run_demo(
@@ -30,12 +36,12 @@ def run_demo(
     steps: int | None = None,
     progress: bool = True,
     retrain: bool = False,
-    target_loss: float = 0.15,
+    target_loss: float = DEMO_TARGET_LOSS,
 ) -> tuple[pd.DataFrame, Path]:
     """Get the model in `out_dir` (see the module docstring; `retrain=True` never uses the shipped
     checkpoint), prune `tasks`, verify the solved ones, write the report. Returns the summary
     table and the report's path. Prints progress as it goes. `target_loss` is the task loss
-    (mean binary CE, nats) a circuit must reach: the paper's 0.15 by default."""
+    (mean binary CE, nats) a circuit must reach (see `DEMO_TARGET_LOSS`)."""
     from sparse_lens.hooks import node_means_for
     from sparse_lens.pruning import PruneConfig, prune
     from sparse_lens.viz import write_report
@@ -49,7 +55,8 @@ def run_demo(
     config = PruneConfig(target_loss=target_loss, progress=progress)
     means = node_means_for(model, out_dir, n_tokens=config.mean_tokens)
 
-    print(f"[3/4] pruning {len(tasks)} tasks to target loss {config.target_loss}")
+    print(f"[3/4] pruning {len(tasks)} tasks to target task loss {config.target_loss}"
+          + ("" if config.target_loss == 0.15 else " (the paper's is 0.15: `--target-loss 0.15`)"))
     circuits, rows = [], []
     for task in tasks:
         circuit = prune(model, task, config, means=means)

@@ -97,13 +97,19 @@ def _model_summary(model) -> str:
 def _contents(circuits, ids) -> str:
     rows = []
     for c, section_id in zip(circuits, ids):
-        loss = c.losses.get("circuit")
+        loss, full = c.losses.get("circuit"), c.losses.get("full_model")
+        target = getattr(c.config, "target_loss", None)
         if c.full_model_misses_target:  # no circuit was searched for: no counts to show
             solved, nodes, edges = "no (the full model misses the target)", "&ndash;", "&ndash;"
         else:
             solved, nodes, edges = "yes" if c.solved else "no", f"{c.n_nodes:,}", f"{c.n_edges:,}"
         rows.append(f'<tr><td class="sl-text"><a href="#{section_id}">{html.escape(c.task)}</a></td>'
-                    f"<td>{solved}</td><td>{nodes}</td><td>{edges}</td>"
-                    f"<td>{'' if loss is None else f'{loss:.4f}'}</td></tr>")
+                    f"<td>{solved}</td><td>{nodes}</td><td>{edges}</td><td>{_fmt(target)}</td>"
+                    f"<td>{_fmt(full)}</td><td>{_fmt(None if c.full_model_misses_target else loss)}</td></tr>")
     return ('<table class="sl-table"><tr><th>task</th><th>solved</th><th>nodes</th><th>edges</th>'
-            "<th>circuit task loss</th></tr>\n" + "\n".join(rows) + "\n</table>")
+            "<th>target task loss</th><th>full model task loss</th><th>circuit task loss</th></tr>\n"
+            + "\n".join(rows) + "\n</table>")
+
+
+def _fmt(loss: float | None) -> str:
+    return "" if loss is None else f"{loss:.4g}"
