@@ -25,6 +25,7 @@ from sparse_lens.pruning import PruneConfig
 from sparse_lens.tasks import TaskData
 from sparse_lens.viz import (View, attention_view, circuit_graph, neuron_view, tables_view,
                              write_report)
+from sparse_lens.viz.report import report_html
 from sparse_lens.viz import circuitsvis_inline as cvi
 from sparse_lens.viz.activations import head_patterns, node_activations
 from sparse_lens.viz.graph import NEGATIVE, POSITIVE
@@ -68,8 +69,9 @@ def circuit(model, means, task_data, registry):
     ids = [r.ids_of("attn_read", 0, READ_CHANNEL), r.ids_of("q", 0, (1, 2)), r.ids_of("k", 0, (1, 2)),
            r.ids_of("v", 0, (1, 5)), r.ids_of("attn_write", 0, 7), r.ids_of("q", 1, (3, 0)),
            r.ids_of("mlp_read", 1, 7), r.ids_of("neuron", 1, 11), r.ids_of("mlp_write", 1, 9)]
-    return Circuit(model, "lt_amp", ids, torch.linspace(-1, 1, r.n_nodes), means, PruneConfig(),
-                   {"full_model": 0.7, "circuit": 0.7}, solved=True, data=task_data)
+    return Circuit(model, "lt_amp", ids, torch.linspace(-1, 1, r.n_nodes), means,
+                   PruneConfig(target_loss=0.8), {"full_model": 0.7, "circuit": 0.7}, solved=True,
+                   data=task_data)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +292,19 @@ def test_report_is_offline(report):
     assert not re.search(r"""(@import|url\()\s*["']?\s*(https?:)?//""", html, re.IGNORECASE)
     assert not re.search(r"""import\s*(\{[^}]*\}\s*from\s*)?["']https?:""", html)
     assert "unpkg.com" not in html and 'type="module"' not in html
+
+
+def test_a_task_the_full_model_misses_gets_a_section_without_views(model, circuit, means, registry, stream):
+    missed = Circuit(model, "single_double_quote", range(registry.n_nodes), None, means,
+                     PruneConfig(), {"full_model": 0.7})  # above the 0.15 target: nothing searched
+    html = report_html(model, [circuit, missed], n_prompts=1, corpus_tokens=stream, verify_n=4)
+    solved_part, missed_part = re.split(r'<section class="sl-circuit"', html)[1:]
+    assert "no circuit was searched for" in missed_part and "(task loss 0.7000 &gt; 0.15)" in missed_part
+    assert "No circuit, so no graph" in missed_part
+    assert "<h3>" not in missed_part and "<svg" not in missed_part and not mounts(missed_part)
+    assert "<h3>Circuit graph" in solved_part and mounts(solved_part)
+    overview = html[:html.index('<section class="sl-circuit"')]
+    assert "no (the full model misses the target)" in overview and "<td>0.7</td>" in overview
 
 
 NODE_CHECK = r"""

@@ -64,14 +64,24 @@ def report_html(model, circuits, title: str = "sparse_lens circuits", n_prompts:
 def circuit_section(circuit, section_id: str, corpus_tokens: Int[torch.Tensor, " n"], n_prompts: int = 4,
                     verify_n: int = 128) -> str:
     """One circuit's `<section>`: its task and description, then every view (without the
-    circuitsvis bundle, which the page loads once)."""
-    views = [circuit_graph(circuit), tables_view(circuit, verify_n=verify_n),
-             attention_view(circuit, n_prompts=n_prompts),
-             neuron_view(circuit, corpus_tokens=corpus_tokens, n_prompts=n_prompts)]
+    circuitsvis bundle, which the page loads once). When the full model misses the target there
+    is no circuit: the section says so, with the full model's task loss, and has no views
+    (they would draw the whole model)."""
+    if circuit.full_model_misses_target:
+        views = []
+        no_circuit = (f'<pre class="sl-pre">{html.escape(repr(circuit))}</pre>\n'
+                   '<p class="sl-note sl-warn">No circuit, so no graph, table, attention or neuron '
+                   "view (they would show the whole model). A looser target (<code>--target-loss"
+                   "</code>) that the full model reaches gives a circuit to look at.</p>\n")
+    else:
+        views = [circuit_graph(circuit), tables_view(circuit, verify_n=verify_n),
+                 attention_view(circuit, n_prompts=n_prompts),
+                 neuron_view(circuit, corpus_tokens=corpus_tokens, n_prompts=n_prompts)]
+        no_circuit = ""
     status = "solved" if circuit.solved else "not solved"
     return (f'<section class="sl-circuit" id="{section_id}" data-task="{html.escape(circuit.task)}">\n'
             f"<h2>{html.escape(circuit.task)} <small>({status})</small></h2>\n"
-            f'<p class="sl-note">{html.escape(task_description(circuit))}</p>\n'
+            f'<p class="sl-note">{html.escape(task_description(circuit))}</p>\n' + no_circuit
             + "\n".join(v.html(standalone=False) for v in views) + "\n</section>")
 
 
