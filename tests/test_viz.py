@@ -7,6 +7,7 @@ negative), so escaped token text and both edge signs must show up.
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -347,9 +348,13 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     url = report.resolve().as_uri()
     dom = subprocess.run([str(CHROMIUM), *flags, "--dump-dom", url], capture_output=True, text=True,
                          timeout=180).stdout
-    (tmp_path / "dom.html").write_text(dom, encoding="utf-8")
+    # the artifacts: the rendered DOM and a screenshot, in test-artifacts/ (or $SPARSE_LENS_ARTIFACTS)
+    artifacts = Path(os.environ.get("SPARSE_LENS_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "report_dom.html").write_text(dom, encoding="utf-8")
     subprocess.run([str(CHROMIUM), *flags, "--window-size=1400,4000",
-                    f"--screenshot={tmp_path / 'report.png'}", url], capture_output=True, timeout=180)
+                    f"--screenshot={artifacts / 'report.png'}", url], capture_output=True, timeout=180)
+    assert (artifacts / "report.png").stat().st_size > 10_000  # a real picture, not an empty page
     sections = re.split(r'<section class="sl-circuit"', dom)[1:]
     assert len(sections) == 2
     for section in sections:
