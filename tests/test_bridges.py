@@ -323,6 +323,21 @@ def test_class_separation_finds_the_planted_quote_channel_and_the_flip_reverses_
         B.class_separation(sparse, task[[0, 2]])
 
 
+def test_the_node_chosen_by_its_effect_is_the_one_the_sparse_model_reads():
+    _, sparse, _ = hand_built_pair()
+    task = hand_task()
+    table = B.class_separation(sparse, task).set_index("label")
+    # planted class means: class 0 (answer A) high on the channel that votes for A, so the flip
+    # (towards the other class) moves the model towards the other answer; the reversed node moves
+    # it towards the own answer; a node with equal class means is not moved at all
+    rows = table.loc[[f"L1.mlp_write[{CHANNEL}]", f"L0.attn_write[{CHANNEL}]", "L0.neuron[0]"]].copy()
+    rows[["mean_0", "mean_1"]] = [[1.0, -1.0], [-1.0, 1.0], [0.5, 0.5]]
+    ranked = B.rank_by_sparse_effect(sparse, task, rows.reset_index())
+    assert list(ranked.label) == [f"L1.mlp_write[{CHANNEL}]", "L0.neuron[0]", f"L0.attn_write[{CHANNEL}]"]
+    assert ranked.sparse_effect.iloc[0] > 0.1 > -0.1 > ranked.sparse_effect.iloc[2]
+    assert ranked.sparse_effect.iloc[1] == 0.0
+
+
 def test_site_after_and_node_labels():
     bridges = B.Bridges(2, 32, 32, 2048)
     cases = {"hook_embed": 0, "blocks.0.attn.hook_v": 1, "blocks.1.hook_attn_read": 3,

@@ -41,6 +41,7 @@ _EXPORTS = {
     "CarriedEdit": "edit", "carry_edit": "edit", "NodeShift": "edit", "node_shift": "edit",
     "node_id": "edit", "class_separation": "edit", "class_flip_shift": "edit",
     "task_edit_effect": "edit", "summarise_edit": "edit", "site_after": "edit",
+    "rank_by_sparse_effect": "edit",
 }
 
 __all__ = list(_EXPORTS)
@@ -48,7 +49,7 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from sparse_lens.bridges.edit import (
         CarriedEdit, NodeShift, carry_edit, class_flip_shift, class_separation, node_id, node_shift,
-        site_after, summarise_edit, task_edit_effect,
+        rank_by_sparse_effect, site_after, summarise_edit, task_edit_effect,
     )
     from sparse_lens.bridges.hybrid import (
         HybridOutput, dense_to_sparse, hybrid_kl_table, mean_kl, run_capturing, run_from_site,

@@ -61,11 +61,15 @@ def add_bridges_parser(sub) -> None:
     d.add_argument("--model", type=Path, required=True, help="the bridged model directory")
     d.add_argument("--task", default="single_double_quote")
     d.add_argument("--node", default="auto",
-                   help="a node label like L1.mlp_write[12], or auto: the circuit node (or, with "
-                   "--target-loss none, any node) that best separates the task's two classes")
+                   help="a node label like L1.mlp_write[12], or auto: among the circuit's nodes (or, "
+                   "with --target-loss none or no circuit, all nodes) that best separate the task's "
+                   "two classes, the one whose edit moves the sparse model most (see --candidates)")
     d.add_argument("--target-loss", default="0.7",
                    help="prune to this task loss to find the circuit the auto node comes from "
                    "(default 0.7; none: no pruning)")
+    d.add_argument("--candidates", type=int, default=16,
+                   help="with --node auto: how many of the best-separating nodes to try on the sparse "
+                   "model (train prompts); the one whose edit moves it most is carried (default 16)")
     d.add_argument("--prune-steps", type=int, default=100)
     d.add_argument("--strength", type=float, default=1.0,
                    help="shift = strength x (other class's mean - own class's mean)")
@@ -146,7 +150,9 @@ def cmd_bridges_eval(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------- edit
 def cmd_bridges_edit(args: argparse.Namespace) -> int:
-    from sparse_lens.bridges.edit import class_flip_shift, class_separation, node_shift, task_edit_effect
+    from sparse_lens.bridges.edit import (
+        class_flip_shift, class_separation, node_shift, rank_by_sparse_effect, task_edit_effect,
+    )
     from sparse_lens.hooks import NodeRegistry, node_means_for
     from sparse_lens.pruning import PruneConfig, prune
     from sparse_lens.tasks import get_task
@@ -170,6 +176,10 @@ def cmd_bridges_edit(args: argparse.Namespace) -> int:
                 notes.append(f"the sparse model {why} {target}: the node is chosen among all nodes")
             else:
                 candidates = separation[separation.id.isin(circuit.node_ids)]
+        candidates = rank_by_sparse_effect(sparse, probe, candidates.head(args.candidates), args.strength)
+        notes.append(f"chosen among the {len(candidates)} best-separating nodes as the one whose edit "
+                     f"moves the sparse model most towards the other answer on the {args.n} train "
+                     f"prompts (mean signed log-odds change {candidates.sparse_effect.iloc[0]:+.4f})")
         row = candidates.iloc[0]
     else:
         nid = _node_id(registry, args.node)

@@ -189,6 +189,35 @@ def class_flip_shift(row, labels: Int[Tensor, " batch"], strength: float = 1.0) 
     return strength * torch.where(labels.cpu() == 0, diff, -diff).float()
 
 
+@torch.no_grad()
+def rank_by_sparse_effect(sparse, data, candidates: pd.DataFrame, strength: float = 1.0,
+                          batch_size: int = 64) -> pd.DataFrame:
+    """`candidates` (rows of `class_separation`) with `sparse_effect`: the mean change of the
+    sparse model's log-odds `log P(a) - log P(b)` at the final position when the node gets its
+    `class_flip_shift`, signed so that a move towards the other class's answer is positive
+    (down on class-0 prompts, up on class-1). Sorted by it, largest first. Run it on other
+    prompts than the ones an edit is then measured on: it chooses the node."""
+    registry = NodeRegistry.for_model(sparse)
+    a, b = _answer_tokens(data)
+    sign = torch.where(data.labels.cpu() == 0, -1.0, 1.0)
+    effects = []
+    for row in candidates.itertuples():
+        shift = node_shift(registry, int(row.id), class_flip_shift(row, data.labels, strength))
+        total = 0.0
+        for start in range(0, len(data), batch_size):
+            part = data[start:start + batch_size].to(sparse.cfg.device)
+            piece = NodeShift(shift.node_id, shift.label, shift.hook_name, shift.index,
+                              shift.shift[start:start + batch_size])
+            clean = sparse(part.tokens)
+            with sparse.hooks(fwd_hooks=[piece.hook(part.last_pos)]):
+                edited = sparse(part.tokens)
+            change = _pair_columns("s", clean, edited, part.last_pos, a, b)["s_d_logodds"]
+            total += float((torch.from_numpy(change) * sign[start:start + batch_size]).sum())
+        effects.append(total / len(data))
+    ranked = candidates.assign(sparse_effect=effects)
+    return ranked.sort_values("sparse_effect", ascending=False, kind="stable").reset_index(drop=True)
+
+
 # ------------------------------------------------------------------------------- on a task
 @torch.no_grad()
 def task_edit_effect(dense, sparse, bridges: Bridges, data, edit: NodeShift,
