@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--preset", default="small")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: TrainConfig's)")
     d.add_argument("--retrain", action="store_true",
-                   help="train from scratch instead of copying the shipped checkpoint (about 10 min "
+                   help="train from scratch instead of copying the shipped checkpoint (about 7 min "
                    "on 2 CPU cores); a training run already in --out is resumed or reused")
     d.add_argument("--tasks", nargs="+", default=None, help="tasks to prune (default: four)")
     d.add_argument("--target-loss", type=float, default=None,

@@ -61,7 +61,7 @@ class NonFiniteLossError(RuntimeError):
 class TrainConfig:
     """How to train. Defaults are for the `small` preset on a 2-core CPU."""
 
-    steps: int = 1400  # the small preset in ~12 min on 2 CPU cores (the demo fits in 15 min)
+    steps: int = 1400  # the small preset: 407 s on 2 idle CPU cores (up to ~12 min when busy)
     batch_size: int = 8
     seq_len: int | None = None  # None: the model's n_ctx
     lr: float = 2e-3  # base LR, before the 1/sqrt(L0) factor
