@@ -168,3 +168,6 @@ def test_geometric_mean_and_markdown_table():
     assert math.isnan(geometric_mean([])) and math.isnan(geometric_mean([1.0, 0.0]))
     md = table_markdown(pd.DataFrame(dict(a=[1, 2], b=[0.5, float("nan")])))
     assert md.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.5 |", "| 2 |  |"]
+    # edge counts in a column with NaNs (floats) keep every digit
+    md = table_markdown(pd.DataFrame(dict(edges=[27248.0, float("nan"), 1182.0], loss=[0.61443, 12345.6, 2.0])))
+    assert md.splitlines()[2:] == ["| 27,248 | 0.6144 |", "|  | 1.235e+04 |", "| 1182 | 2 |"]

@@ -149,7 +149,10 @@ def table_markdown(table: pd.DataFrame, floatfmt: str = ".4g") -> str:
     """A GitHub markdown table (no `tabulate` needed)."""
     def cell(v):
         if isinstance(v, float):
-            return "" if math.isnan(v) else format(v, floatfmt)
+            if math.isnan(v):
+                return ""
+            # counts that a NaN elsewhere in their column turned into floats print as integers
+            return f"{int(v):,}" if v.is_integer() and abs(v) >= 1e4 else format(v, floatfmt)
         return "" if v is None else str(v)
 
     head = "| " + " | ".join(map(str, table.columns)) + " |"
