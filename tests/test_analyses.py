@@ -110,6 +110,16 @@ def test_dilution_lengthens_the_prompts_and_reports_flip_lengths(outputs):
         or settings["full_flip_tokens"] == pytest.approx(expected)
 
 
+def test_dilution_stops_lengthening_where_the_context_ends(outputs, tmp_path):
+    folder = analyses.run("dilution", tmp_path, outputs[1], quick=True, target_loss=LOOSE, n_prompts=4,
+                          max_extra=500)
+    table, meta, summary = read(folder)
+    n_ctx = meta["models"][0]["model_config"]["n_ctx"]
+    assert 0 < meta["settings"]["max_extra"] < 500 and len(table) == meta["settings"]["max_extra"] + 1
+    assert table.mean_tokens.max() < n_ctx
+    assert f"up to {meta['settings']['max_extra']} more items" in summary
+
+
 def test_the_cli_runs_an_analysis_and_rejects_unknown_ones(outputs, tmp_path, capsys):
     from sparse_lens.cli import main
 

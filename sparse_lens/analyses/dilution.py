@@ -79,8 +79,12 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
                                              tokenizer=model.tokenizer) if e.correct == "]]"]
     base = [e.prompt for e in examples[:n_prompts]]
     rows = []
+    limit = model.cfg.n_ctx - 1  # the prompt and the answer must fit the context
     for k in range(max_extra + 1):
         prompts = diluted_prompts(base, k, seed=k)
+        if max(len(model.tokenizer.encode(p)) for p in prompts) > limit:
+            max_extra = k - 1  # the longest lengthening whose every prompt fits
+            break
         data = TaskData.from_prompts(TASK, prompts, ["]]"] * len(prompts), ["]"] * len(prompts),
                                      model.tokenizer, max_prompt_tokens=model.cfg.n_ctx - 1)
         data = data.to(model.cfg.device)
@@ -100,15 +104,24 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
     status = ("solved" if bool(pruned.solved) else
               "NOT solved (the circuit is the best the bisection found, or every node when the "
               "full model misses the target)")
+    def flip_text(flip: float, values: pd.Series, accuracy: pd.Series) -> str:
+        if flip == flip:
+            return f"**{flip:.1f} tokens**"
+        if values.iloc[0] <= 0:
+            return (f"no length: it prefers `]` already at the shortest length (accuracy "
+                    f"{accuracy.iloc[0]:.2f} on these `]]` prompts), so there is no depth signal to dilute")
+        return "no measured length"
+
     summary = (
         f"Model `{trained.spec.name}` (validation loss {trained.val_loss:.4f}); `{TASK}` circuit at "
         f"target {target_loss}: {status}, {circuit.n_nodes} nodes. {len(base)} test prompts ending "
-        f"inside an inner list (answer `]]`), each lengthened by up to {max_extra} more items.\n\n"
+        f"inside an inner list (answer `]]`), each lengthened by up to {max_extra} more items (the "
+        f"most for which every prompt fits the {model.cfg.n_ctx}-token context, or the requested "
+        f"maximum).\n\n"
         f"- Full model: mean logit(]]) - logit(]) {table.full_logit_diff.iloc[0]:.3f} at "
         f"{table.mean_tokens.iloc[0]:.1f} tokens; it flips to `]` at "
-        + (f"**{full_flip:.1f} tokens**" if full_flip == full_flip else "no measured length")
-        + ".\n"
-        f"- Circuit: flips at " + (f"{circuit_flip:.1f} tokens" if circuit_flip == circuit_flip else "no measured length")
+        + flip_text(full_flip, table.full_logit_diff, table.full_accuracy) + ".\n"
+        f"- Circuit: flips at " + flip_text(circuit_flip, table.circuit_logit_diff, table.circuit_accuracy)
         + f"; its fit a + b/L on the {len(fit)} shortest lengths (a = {a:.3f}, b = {b:.2f}) predicts "
         + (f"**{predicted:.1f} tokens**." if predicted == predicted else "no flip (the fit does not cross zero).")
     )
