@@ -45,6 +45,7 @@ def read(folder):
     assert png.startswith(PNG_MAGIC) and len(png) > 5000  # a real plot, not an empty file
     summary = (folder / "summary.md").read_text()
     assert meta["command"] and meta["versions"]["torch"] == torch.__version__
+    assert meta["versions"]["transformer_lens"].startswith("3.")
     for m in meta["models"]:
         assert m["model_config"]["d_model"] >= 1 and m["train_config"]["seed"] == 0
         assert math.isfinite(m["val_loss"])

@@ -103,9 +103,17 @@ def versions() -> dict[str, str]:
 
     import sparse_lens
 
+    from importlib import metadata
+
+    def installed(dist: str, module) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return getattr(module, "__version__", "?")
+
     out = dict(python=platform.python_version(), torch=torch.__version__,
-               transformer_lens=getattr(transformer_lens, "__version__", "?"),
-               sparse_lens=getattr(sparse_lens, "__version__", "?"))
+               transformer_lens=installed("transformer-lens", transformer_lens),
+               sparse_lens=installed("sparse-lens", sparse_lens))
     try:
         import subprocess
 
