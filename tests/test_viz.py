@@ -228,6 +228,23 @@ def test_neuron_view_caps_the_nodes_and_reads_the_default_corpus(circuit, monkey
     assert len(prompts["secondDimensionLabels"]) == 3 and len(snippets["tokens"][0]) == 3
 
 
+def test_the_capped_neuron_view_picks_the_nodes_that_tell_the_answers_apart(task_data, tokenizer):
+    from sparse_lens.viz.neurons import node_scores
+
+    labels = task_data.labels.float()  # 0, 1, 0, 1
+    finals = torch.stack([
+        torch.tensor([10.0, 10.0, 10.1, 10.1]),  # far from its ablation value (0), varies, not by class
+        labels * 2 - 1,       # -1 / +1: carries the answer
+        torch.full((4,), 3.0),  # constant
+    ], dim=1)
+    score, by = node_scores(finals, torch.zeros(3), task_data)
+    assert score.argsort(descending=True).tolist() == [1, 0, 2] and "separates" in by
+    # without classes: the distance from the ablation value decides
+    no_classes = TaskData.from_prompts("one", PROMPTS[:2], ["'", "'"], ['"', '"'], tokenizer)
+    score, by = node_scores(finals[:2], torch.zeros(3), no_classes)
+    assert score.argmax().item() == 0 and "ablation value" in by
+
+
 def test_tables_view_verifies_and_escapes(model, means, task_data, registry):
     fresh = Circuit(model, "lt_amp", [registry.ids_of("attn_read", 0, READ_CHANNEL)], None, means,
                     PruneConfig(), {"circuit": 0.7}, data=task_data)

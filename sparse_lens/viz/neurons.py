@@ -31,9 +31,10 @@ def neuron_view(circuit, corpus_tokens: Int[torch.Tensor, " n"] | None = None, n
                 split: str = "test") -> View:
     """The roles of up to `max_nodes` of the circuit's nodes (see the module docstring).
 
-    When the circuit has more nodes, the ones shown are those furthest from their ablation value
-    at the final token of `n_rank_prompts` task prompts (mean |activation - mean|), and the view
-    says how many were left out. `corpus_tokens`: a 1-D token stream for the snippets (default:
+    When the circuit has more nodes, the ones shown are those that best separate the task's
+    classes at the final token of `n_rank_prompts` task prompts (`node_scores`; for a task
+    without classes, those furthest from their ablation value), and the view says how many were
+    left out. `corpus_tokens`: a 1-D token stream for the snippets (default:
     the validation stream of `corpus_files` standard-library files)."""
     if min(n_prompts, max_nodes, n_rank_prompts, n_windows, window_len, n_snippets) < 1:
         raise ValueError("neuron_view: counts and lengths must be >= 1")
@@ -44,7 +45,7 @@ def neuron_view(circuit, corpus_tokens: Int[torch.Tensor, " n"] | None = None, n
     data = circuit._task_data(split=split, n=max(n_prompts, n_rank_prompts))
     finals = final_activations(circuit, data.tokens, data.last_pos, circuit.node_ids)  # [batch, node]
     means = circuit.means[circuit.node_ids].float()
-    score = (finals - means).abs().mean(0)
+    score, by = node_scores(finals, means, data)
     keep = torch.argsort(score, descending=True, stable=True)[:max_nodes].sort().values
     shown = [circuit.node_ids[i] for i in keep.tolist()]
     table = circuit.registry.describe(shown)
@@ -65,7 +66,7 @@ def neuron_view(circuit, corpus_tokens: Int[torch.Tensor, " n"] | None = None, n
         prompt_acts.append(acts[i, :n, None, :].double().round(decimals=4))  # [pos, 1, node]
 
     parts = [
-        _explanation(circuit, len(shown)),
+        _explanation(circuit, len(shown), by),
         role_table(labels, table.kind.tolist(), means[keep], finals[:, keep], data, snippets, model),
         "<h4>On task prompts</h4>",
         text_neuron_activations(prompt_tokens, prompt_acts, first_dimension_name="Circuit",
@@ -145,10 +146,29 @@ def _classes(data) -> list[tuple[str, torch.Tensor]]:
     return groups
 
 
-def _explanation(circuit, n_shown: int) -> str:
+def node_scores(finals: Float[torch.Tensor, "batch node"], means: Float[torch.Tensor, " node"],
+                data) -> tuple[Float[torch.Tensor, " node"], str]:
+    """How much each node says about the task at the final token, and how that was judged. With
+    two or more classes (`_classes`): the spread of its class means over its standard deviation
+    across prompts (a node that tells the answers apart comes first); else, or for a node that
+    does not vary, its mean distance from its ablation value."""
+    distance = (finals - means).abs().mean(0)
+    classes = _classes(data)
+    if len(classes) < 2:
+        return distance, "those furthest from their ablation value at the task's final token"
+    class_means = torch.stack([finals[rows].mean(0) for _, rows in classes])  # [class, node]
+    std = finals.std(0)
+    spread = (class_means.max(0).values - class_means.min(0).values) / std.clamp_min(1e-6)
+    # separation first; among nodes that separate equally (e.g. not at all), the distance
+    score = torch.where(std > 1e-6, spread, torch.zeros_like(spread)) + 1e-3 * distance / (1 + distance)
+    return score, ("those whose final-token activation best separates the task's answers (spread "
+                   "of class means over the standard deviation)")
+
+
+def _explanation(circuit, n_shown: int, by: str) -> str:
     capped = "" if n_shown == circuit.n_nodes else (
         f' <span class="sl-warn">Showing {n_shown} of the circuit\'s {circuit.n_nodes:,} nodes '
-        "(capped): those furthest from their ablation value at the task's final token.</span>")
+        f"(capped): {by}.</span>")
     return ('<p class="sl-note">Activations of the circuit\'s nodes with every node outside the '
             "circuit mean-ablated. The table gives each node's mean at the prompt's final token "
             "per class (a node whose means differ carries the answer); below, its activation on "
