@@ -145,8 +145,7 @@ def get_model(out_dir: Path, preset: str, steps: int | None, progress: bool = Tr
         print("      `sparse-lens demo --retrain` trains it from scratch instead "
               "(about 7 minutes on 2 CPU cores)")
     tc = training.TrainConfig()
-    corpus = data.load_corpus(tc.sources, model.tokenizer, val_fraction=tc.val_fraction,
-                              max_files=tc.max_files, cache_dir=data.default_cache_dir())
+    corpus = training.corpus_for(tc, model.tokenizer)
     seq_len = tc.seq_len or model.cfg.n_ctx
     val_loss = training.evaluate(model, data.validation_batches(corpus.val, tc.batch_size, seq_len,
                                                                 tc.eval_batches))

@@ -251,14 +251,16 @@ def pack(run_dir: str | Path, name: str, command: str, root: Path | None = None)
 
 
 def _git_commit(where: Path) -> str:
-    for cwd in (where, Path(__file__).parent):
+    """HEAD of the git checkout `where` lies in (else this package's), "-dirty" when tracked
+    files differ from it; "unknown" outside git."""
+    def git(folder: Path, *args: str) -> str:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    for folder in (where if where.is_dir() else where.parent, Path(__file__).parent):
         try:
-            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd if cwd.is_dir() else cwd.parent,
-                                  capture_output=True, text=True, check=True).stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   cwd=cwd if cwd.is_dir() else cwd.parent,
-                                   capture_output=True, text=True, check=True).stdout.strip()
-            return head + ("-dirty" if dirty else "")
+            dirty = git(folder, "status", "--porcelain", "--untracked-files=no")
+            return git(folder, "rev-parse", "HEAD") + ("-dirty" if dirty else "")
         except (OSError, subprocess.CalledProcessError):
             continue
     return "unknown"

@@ -171,6 +171,13 @@ def train_step(
 
 
 @torch.no_grad()
+def corpus_for(tc: TrainConfig, tokenizer) -> data.TokenCorpus:
+    """The corpus `tc` trains on (its sources, split and file cap), tokenized with `tokenizer`
+    and cached in `data.default_cache_dir()`."""
+    return data.load_corpus(tc.sources, tokenizer, val_fraction=tc.val_fraction,
+                            max_files=tc.max_files, cache_dir=data.default_cache_dir())
+
+
 def evaluate(model: SparseHookedTransformer, batches: list[torch.Tensor]) -> float:
     """Mean loss (nats/token) over fixed batches."""
     was_training = model.training
@@ -250,8 +257,7 @@ def _train(
         optimizer = make_optimizer(model, tc)
         first_step, history = 0, []
     if corpus is None:
-        corpus = data.load_corpus(tc.sources, model.tokenizer, val_fraction=tc.val_fraction,
-                                  max_files=tc.max_files, cache_dir=data.default_cache_dir())
+        corpus = corpus_for(tc, model.tokenizer)
     if int(corpus.train.max()) >= model_cfg.d_vocab:
         raise ValueError(f"the corpus has token ids >= d_vocab={model_cfg.d_vocab}")
     val_batches = data.validation_batches(corpus.val, tc.batch_size, seq_len, tc.eval_batches)

@@ -86,7 +86,7 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
             max_extra = k - 1  # the longest lengthening whose every prompt fits
             break
         data = TaskData.from_prompts(TASK, prompts, ["]]"] * len(prompts), ["]"] * len(prompts),
-                                     model.tokenizer, max_prompt_tokens=model.cfg.n_ctx - 1)
+                                     model.tokenizer, max_prompt_tokens=limit)
         data = data.to(model.cfg.device)
         with torch.no_grad():
             full = task_logit_diff(model(data.tokens), data)

@@ -200,18 +200,19 @@ def rank_by_sparse_effect(sparse, data, candidates: pd.DataFrame, strength: floa
     registry = NodeRegistry.for_model(sparse)
     a, b = _answer_tokens(data)
     sign = torch.where(data.labels.cpu() == 0, -1.0, 1.0)
+    starts = range(0, len(data), batch_size)
+    parts = [data[start:start + batch_size].to(sparse.cfg.device) for start in starts]
+    clean = [sparse(part.tokens) for part in parts]  # the same for every candidate
     effects = []
     for row in candidates.itertuples():
         shift = node_shift(registry, int(row.id), class_flip_shift(row, data.labels, strength))
         total = 0.0
-        for start in range(0, len(data), batch_size):
-            part = data[start:start + batch_size].to(sparse.cfg.device)
+        for start, part, part_clean in zip(starts, parts, clean):
             piece = NodeShift(shift.node_id, shift.label, shift.hook_name, shift.index,
                               shift.shift[start:start + batch_size])
-            clean = sparse(part.tokens)
             with sparse.hooks(fwd_hooks=[piece.hook(part.last_pos)]):
                 edited = sparse(part.tokens)
-            change = _pair_columns("s", clean, edited, part.last_pos, a, b)["s_d_logodds"]
+            change = _pair_columns("s", part_clean, edited, part.last_pos, a, b)["s_d_logodds"]
             total += float((torch.from_numpy(change) * sign[start:start + batch_size]).sum())
         effects.append(total / len(data))
     ranked = candidates.assign(sparse_effect=effects)

@@ -43,7 +43,8 @@ from sparse_lens.bridges.modules import Bridges, check_models, weights_fingerpri
 from sparse_lens.config import SparseHookedTransformerConfig
 from sparse_lens.model import SparseHookedTransformer
 from sparse_lens.training import (
-    NonFiniteLossError, TrainConfig, deterministic_algorithms, make_optimizer, rescale_grad_rms_,
+    NonFiniteLossError, TrainConfig, corpus_for, deterministic_algorithms, make_optimizer,
+    rescale_grad_rms_,
 )
 
 BRIDGES_DIR = "bridges"
@@ -136,8 +137,7 @@ def _train(dense, sparse, config: BridgeTrainConfig, out_dir: Path, corpus, prog
     if seq_len > min(dense.cfg.n_ctx, sparse.cfg.n_ctx):
         raise ValueError(f"TrainConfig.seq_len={seq_len} exceeds a model's n_ctx")
     if corpus is None:
-        corpus = data.load_corpus(tc.sources, sparse.tokenizer, val_fraction=tc.val_fraction,
-                                  max_files=tc.max_files, cache_dir=data.default_cache_dir())
+        corpus = corpus_for(tc, sparse.tokenizer)
     if int(corpus.train.max()) >= sparse.cfg.d_vocab:
         raise ValueError(f"the corpus has token ids >= d_vocab={sparse.cfg.d_vocab}")
     val_batches = data.validation_batches(corpus.val, tc.batch_size, seq_len, tc.eval_batches)
