@@ -39,7 +39,7 @@ from sparse_lens import SparseHookedTransformer, SparseHookedTransformerConfig, 
 
 cfg = SparseHookedTransformerConfig.preset("tiny" if TINY else "small")
 tc = TrainConfig(steps=40, max_files=60) if TINY else TrainConfig()
-result = sparse_lens.train(cfg, tc, RUN_DIR, resume=True, progress=not TINY)  # reuses a finished run
+result = sparse_lens.train(cfg, tc, RUN_DIR, resume="auto", progress=not TINY)  # reuses a finished run
 print(f"validation loss {result.val_loss:.3f} nats/token (unigram {result.unigram_val_loss:.3f})")'''),
         ("md", "Every matrix keeps its top fraction of weights, and no neuron or channel falls "
                "below the floor: the table gives the *achieved* density."),

@@ -5,8 +5,12 @@ A model directory holds
     model.safetensors    every parameter, by its TransformerLens name
     tokenizer/           the tokenizer, as `save_pretrained` writes it (optional)
     training/            optimizer and trainer state, when written by `sparse-lens train`
-Nothing is unpickled on load. A directory is written beside its target and swapped in with
-renames, so a crash mid-write leaves the previous version intact (`latest_dir` finds it).
+Nothing is unpickled on load. A model directory is also a working folder: pruning writes
+`circuits/` and `node_means.safetensors` into it, the demo `report.html`. Saving a model therefore
+replaces only the entries the model owns (the files above, plus what `write_extra` adds): they are
+written into a staging folder inside the directory and moved into place one by one with renames
+(`write_entries_atomically`), so a crash mid-write leaves each entry either old or new, never
+half-written, and everything else in the directory untouched.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ def save_model(
     path: str | Path,
     write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write `model` as a model directory at `path`, atomically; `write_extra(tmp_dir)` may add
-    files (training state) to the same directory before it is swapped in."""
+    """Write `model` as a model directory at `path`; `write_extra(staging_dir)` may add entries
+    (training state) beside the model's. Only those entries are replaced, each atomically (see
+    `write_entries_atomically`); other files in `path` are left as they are."""
     from sparse_lens.tokenizer import save_tokenizer
 
     path = Path(path)
@@ -57,7 +62,7 @@ def save_model(
         if write_extra is not None:
             write_extra(tmp)
 
-    write_dir_atomically(path, write)
+    write_entries_atomically(path, write)
     return path
 
 
@@ -130,23 +135,43 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` on a fresh sibling directory, then swap it in for `path`. Until the swap
-    the old directory is untouched; between the two renames it lives at `<path>.old`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = _sibling(path, "tmp"), _sibling(path, "old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+STAGING_DIR = ".staging"
+
+
+def write_entries_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(stage)` on a fresh staging folder inside `path`, then move each top-level entry
+    it wrote into `path`, replacing the entry of that name and nothing else. Directories first
+    (each swapped by two renames; the previous version sits at `.<name>.old` in between), then
+    files (one `os.replace` each), in name order. If `write` raises, `path` is untouched."""
+    path.mkdir(parents=True, exist_ok=True)
+    stage = path / STAGING_DIR
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
     try:
-        write(tmp)
+        write(stage)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    for entry in sorted(stage.iterdir(), key=lambda e: (not e.is_dir(), e.name)):
+        target = path / entry.name
+        if entry.is_dir():
+            old = path / f".{entry.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(entry, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(entry, target)
+    stage.rmdir()
+
+
+def link_or_copy(source: Path, dest: Path) -> None:
+    """`dest` as a hard link to `source` (no second copy on disk), or a copy where links fail."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
 
 
 def latest_dir(path: Path) -> Path:

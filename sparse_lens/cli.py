@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a weight-sparse (or --dense) model on Python source",
                        description="Train a weight-sparse transformer (or the dense baseline) on "
                        "the running interpreter's standard library, or on --sources.")
-    t.add_argument("--preset", default="small", help="model preset: tiny, small, paper (default small)")
+    t.add_argument("--preset", default=None, help="model preset: tiny, small, paper (default small)")
     t.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>[-dense])")
     t.add_argument("--dense", action="store_true", help="train the dense baseline (weight_l0 = 1)")
     t.add_argument("--weight-l0", type=float, default=None, help="fraction of nonzeros per matrix")
@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-files", type=int, default=None, help="use a deterministic subset of files")
     t.add_argument("--eval-every", type=int, default=None)
     t.add_argument("--checkpoint-every", type=int, default=None)
-    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--snapshot-every", type=int, default=None,
+                   help="keep a model directory every N steps in <out>/snapshots/ (learning curves)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its saved settings (flags given must match them)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a new run even if --out already holds a model (replaces it)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -115,27 +120,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sparse_lens.config import SparseHookedTransformerConfig
-    from sparse_lens.training import NonFiniteLossError, TrainConfig, train
+    import dataclasses
 
+    from sparse_lens.config import SparseHookedTransformerConfig
+    from sparse_lens.training import NonFiniteLossError, TrainConfig, TrainingInterrupted, saved_configs, train
+
+    preset = args.preset or "small"
+    out = args.out or Path("runs") / f"{preset}{'-dense' if args.dense else ''}"
     overrides = {} if args.weight_l0 is None else {"weight_l0": args.weight_l0}
     if args.dense:
         overrides["weight_l0"] = 1.0
-    model_cfg = SparseHookedTransformerConfig.preset(args.preset, **overrides)
     tc_fields = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                      lr=args.lr, seed=args.seed, device=args.device, sources=args.sources,
                      max_files=args.max_files, eval_every=args.eval_every,
-                     checkpoint_every=args.checkpoint_every)
-    tc = TrainConfig(**{k: v for k, v in tc_fields.items() if v is not None})
-    out = args.out or Path("runs") / f"{args.preset}{'-dense' if args.dense else ''}"
+                     checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every)
+    tc_fields = {k: v for k, v in tc_fields.items() if v is not None}
+    if args.resume:  # the saved settings, with what was given on top (checked against them)
+        model_cfg, tc = saved_configs(out)
+        if args.preset is not None:
+            model_cfg = SparseHookedTransformerConfig.preset(args.preset)
+        model_cfg, tc = dataclasses.replace(model_cfg, **overrides), dataclasses.replace(tc, **tc_fields)
+    else:
+        model_cfg = SparseHookedTransformerConfig.preset(preset, **overrides)
+        tc = TrainConfig(**tc_fields)
     kind = "dense baseline" if not model_cfg.is_weight_sparse else f"weight L0 {model_cfg.weight_l0:.4g}"
-    print(f"training {args.preset} ({kind}) for {tc.steps} steps of {tc.batch_size} x "
-          f"{tc.seq_len or model_cfg.n_ctx} tokens on {'the standard library' if not tc.sources else tc.sources}")
+    print(f"{'resuming' if args.resume else 'training'} {preset if not args.resume else out} ({kind}) "
+          f"for {tc.steps} steps of {tc.batch_size} x {tc.seq_len or model_cfg.n_ctx} tokens on "
+          f"{'the standard library' if not tc.sources else tc.sources}")
     try:
-        result = train(model_cfg, tc, out, resume=args.resume, progress=not args.no_progress)
+        result = train(model_cfg, tc, out, resume=args.resume, progress=not args.no_progress,
+                       overwrite=args.overwrite)
     except NonFiniteLossError as err:
         print(f"sparse-lens train: stopped: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        print(f"sparse-lens train: {err}", file=sys.stderr)
+        return 130
     table = result.model.weight_sparsity()
     print(f"saved to {result.out_dir}")
     print(f"validation loss {result.val_loss:.4f} nats/token "

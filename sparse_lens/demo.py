@@ -127,7 +127,7 @@ def get_model(out_dir: Path, preset: str, steps: int | None, progress: bool = Tr
         if not retrain and not (out_dir / training.TRAINING_DIR).is_dir():
             print(f"      not from the shipped checkpoint: {shipped_mismatch(preset, steps)}")
         result = training.train(SparseHookedTransformerConfig.preset(preset), tc, out_dir,
-                                resume=True, progress=progress)
+                                resume="auto", overwrite=retrain, progress=progress)
         print(f"      model saved in {out_dir}; validation loss {result.val_loss:.4f} nats/token "
               f"(unigram baseline {result.unigram_val_loss:.4f})")
         return result.model

@@ -184,7 +184,7 @@ def load(name: str = "small", device: str | torch.device | None = None,
 def materialise(name: str, out_dir: str | Path, root: Path | None = None) -> Path:
     """Write the shipped checkpoint `name` as an ordinary model directory at `out_dir` (config,
     safetensors weights, tokenizer) with its `provenance.json` beside them. Like training, this
-    replaces `out_dir` as a whole."""
+    replaces only those entries of `out_dir`."""
     import shutil
 
     source = path(name, root)

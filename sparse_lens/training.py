@@ -17,6 +17,16 @@ Choices (the paper's, unless said):
 - Batches are a pure function of (seed, step) and the optimizer state is checkpointed, so
   `resume=True` ends with bitwise the weights an uninterrupted run has (CPU, same seed).
 
+The run directory. It is also a model directory (`from_pretrained` opens it at any time) and a
+working folder (pruning writes `circuits/` and `node_means.safetensors` there, the demo a report).
+A checkpoint replaces only the trainer's own entries, each atomically (`checkpoint.save_model`):
+the model's files and `training/`, which holds everything a resume needs (the weights, hard-linked,
+the optimizer state and `state.json`), swapped in as one directory before the model's files, so a
+crash between the two leaves a resumable run. A new run refuses a directory that already holds a
+model unless `overwrite=True`; `resume=True` refuses one with nothing to resume. Ctrl-C (SIGINT)
+finishes the current step, writes a checkpoint and raises `TrainingInterrupted`, which says how to
+resume; `snapshot_every` keeps a model directory every so many steps under `snapshots/`.
+
 Reproducibility. On CPU, `train` runs its steps under `deterministic_algorithms()`: without it,
 the backward of the token embedding (TransformerLens's `W_E[tokens]`, an `index_put_` with
 accumulate) adds its rows with parallel atomic float adds whenever more than one thread runs and
@@ -36,6 +46,9 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +63,24 @@ from sparse_lens.config import SparseHookedTransformerConfig
 from sparse_lens.model import SparseHookedTransformer
 
 TRAINING_DIR = "training"
+SNAPSHOTS_DIR = "snapshots"
+# files in a model directory computed from the weights it held: stale once a new run replaces them
+DERIVED_FILES = ("node_means.safetensors", "provenance.json")
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss or gradient; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during `train`: a checkpoint of the last finished step was written; the
+    message says how to resume. A KeyboardInterrupt, so code that handles Ctrl-C still does."""
+
+    def __init__(self, out_dir: Path, step: int):
+        super().__init__(f"interrupted: checkpoint at step {step} saved in {out_dir}; resume with "
+                         f"`sparse-lens train --out {out_dir} --resume`")
+        self.out_dir, self.step = out_dir, step
 
 
 @dataclass(kw_only=True)
@@ -77,6 +103,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 250
+    # keep a model directory (weights and config, no optimizer) every this many steps under
+    # `<out_dir>/snapshots/step-NNNNNN/`, for learning curves; None = none
+    snapshot_every: int | None = None
     # stop (and save) at the first evaluation whose validation loss is <= this: a model trained
     # to a given loss (the analyses' dense baseline at the sparse model's loss); None = never
     stop_at_val_loss: float | None = None
@@ -92,6 +121,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1; got {getattr(self, name)!r}")
+        if self.snapshot_every is not None and not (isinstance(self.snapshot_every, int)
+                                                     and self.snapshot_every >= 1):
+            raise ValueError(f"TrainConfig.snapshot_every must be an integer >= 1 or None; "
+                             f"got {self.snapshot_every!r}")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"TrainConfig.seq_len must be >= 2 or None; got {self.seq_len!r}")
         if not (self.lr > 0 and self.eps > 0 and self.grad_rms > 0 and self.weight_decay >= 0):
@@ -106,7 +139,7 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     # fields that change nothing in the weights a run produces
-    NON_RESULT_FIELDS = ("eval_every", "eval_batches", "checkpoint_every", "device")
+    NON_RESULT_FIELDS = ("eval_every", "eval_batches", "checkpoint_every", "snapshot_every", "device")
 
 
 @dataclass
@@ -170,7 +203,6 @@ def train_step(
     return loss_value
 
 
-@torch.no_grad()
 def corpus_for(tc: TrainConfig, tokenizer) -> data.TokenCorpus:
     """The corpus `tc` trains on (its sources, split and file cap), tokenized with `tokenizer`
     and cached in `data.default_cache_dir()`."""
@@ -178,6 +210,7 @@ def corpus_for(tc: TrainConfig, tokenizer) -> data.TokenCorpus:
                             max_files=tc.max_files, cache_dir=data.default_cache_dir())
 
 
+@torch.no_grad()
 def evaluate(model: SparseHookedTransformer, batches: list[torch.Tensor]) -> float:
     """Mean loss (nats/token) over fixed batches."""
     was_training = model.training
@@ -213,42 +246,80 @@ def deterministic_algorithms(enabled: bool = True):
 
 # ------------------------------------------------------------------------------ the run
 def train(
-    model_cfg: SparseHookedTransformerConfig,
-    tc: TrainConfig,
+    model_cfg: SparseHookedTransformerConfig | None,
+    tc: TrainConfig | None,
     out_dir: str | Path,
-    resume: bool = False,
+    resume: bool | str = False,
     corpus: data.TokenCorpus | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a model of `model_cfg` on the corpus of `tc`, checkpointing into `out_dir` (a model
-    directory `SparseHookedTransformer.from_pretrained` opens at any time). With `resume=True`
-    and a checkpoint in `out_dir`, continue it (the configs must match the checkpoint's).
+    directory `SparseHookedTransformer.from_pretrained` opens at any time).
+
+    `resume`: False starts a new run, and refuses a directory that already holds a model unless
+    `overwrite=True` (which replaces the model's files and those derived from its weights,
+    `DERIVED_FILES`; other files stay). True continues the run in `out_dir` and refuses a
+    directory with nothing to resume; `model_cfg` and `tc` may then be None (the saved ones are
+    used), and given ones must match the checkpoint's. "auto" continues a run if there is one,
+    else starts one. Ctrl-C writes a checkpoint and raises `TrainingInterrupted`.
 
     On CPU the run is bitwise reproducible for the same torch build, CPU and thread count (see
     the module docstring)."""
+    out_dir = Path(out_dir)
+    model_cfg, tc, resuming = _plan_run(model_cfg, tc, out_dir, resume, overwrite)
     with deterministic_algorithms(torch.device(tc.device).type == "cpu"):
-        return _train(model_cfg, tc, out_dir, resume, corpus, progress)
+        return _train(model_cfg, tc, out_dir, resuming, corpus, progress)
+
+
+def _plan_run(model_cfg, tc, out_dir: Path, resume: bool | str, overwrite: bool):
+    """The configs to train with and whether to resume; checks `out_dir` against `resume`."""
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"resume must be False, True or 'auto'; got {resume!r}")
+    has_run = (out_dir / TRAINING_DIR / "state.json").is_file()
+    if has_run and resume or resume is True:  # saved_configs: an error if there is no run
+        saved_model_cfg, saved_tc = saved_configs(out_dir)
+        return model_cfg or saved_model_cfg, tc or saved_tc, True
+    if model_cfg is None or tc is None:
+        raise ValueError("a new run needs a model config and a TrainConfig")
+    if (out_dir / checkpoint.CONFIG_FILE).exists():
+        if not overwrite:
+            raise ValueError(f"{out_dir} already holds a model: pass overwrite=True (--overwrite) "
+                             "to replace it, or resume=True (--resume) to continue its run")
+        for name in (TRAINING_DIR, SNAPSHOTS_DIR, *DERIVED_FILES):
+            target = out_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    return model_cfg, tc, False
+
+
+def saved_configs(out_dir: str | Path) -> tuple[SparseHookedTransformerConfig, TrainConfig]:
+    """The model and training configs of the run in `out_dir` (what `resume=True` continues)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / TRAINING_DIR / "state.json").is_file():
+        raise ValueError(f"nothing to resume in {out_dir}: no {TRAINING_DIR}/state.json there "
+                         "(start a new run without --resume)")
+    state = checkpoint.read_json(out_dir / TRAINING_DIR / "state.json")
+    saved = checkpoint.read_json(out_dir / checkpoint.CONFIG_FILE)["config"]
+    return SparseHookedTransformerConfig.from_json_dict(saved), TrainConfig(**state["train_config"])
 
 
 def _train(
     model_cfg: SparseHookedTransformerConfig,
     tc: TrainConfig,
-    out_dir: str | Path,
-    resume: bool,
+    out_dir: Path,
+    resuming: bool,
     corpus: data.TokenCorpus | None,
     progress: bool,
 ) -> TrainResult:
     from sparse_lens.tokenizer import load_tokenizer
 
     start = time.perf_counter()
-    out_dir = Path(out_dir)
     device = _resolve_device(tc.device)
     model_cfg = dataclasses.replace(model_cfg, device=device)
     seq_len = tc.seq_len or model_cfg.n_ctx
     if seq_len > model_cfg.n_ctx:
         raise ValueError(f"TrainConfig.seq_len={seq_len} exceeds the model's n_ctx={model_cfg.n_ctx}")
 
-    resuming = resume and (out_dir / TRAINING_DIR).is_dir()
     if resuming:
         model, optimizer, first_step, history = _load_run(out_dir, model_cfg, tc, device)
     else:
@@ -263,6 +334,9 @@ def _train(
     val_batches = data.validation_batches(corpus.val, tc.batch_size, seq_len, tc.eval_batches)
     unigram = data.unigram_cross_entropy(corpus.train, corpus.val, model_cfg.d_vocab)
 
+    def save(step: int) -> None:
+        _save_run(out_dir, model, optimizer, step, model_cfg, tc, history, unigram)
+
     model.train()
     val_loss = history[-1]["val_loss"] if history else float("nan")
     last_step = first_step
@@ -270,34 +344,40 @@ def _train(
         first_step = tc.steps
     bar = tqdm(range(first_step, tc.steps), initial=first_step, total=tc.steps,
                disable=not progress, desc="sparse train" if model_cfg.is_weight_sparse else "dense train")
-    for step in bar:
-        l0 = sparsity.l0_at_step(step, tc.steps, model_cfg.weight_l0, tc.dense_frac,
-                                 tc.anneal_end_frac, tc.anneal_kind)
-        lr = sparsity.lr_at_step(step, tc.steps, tc.lr, l0, tc.warmup_frac)
-        tokens = data.sample_batch(corpus.train, tc.batch_size, seq_len, step, tc.seed).to(device)
-        try:
-            loss = train_step(model, optimizer, tokens, lr, l0, tc)
-        except NonFiniteLossError as err:
-            raise NonFiniteLossError(
-                f"{err} at step {step}; stopping. The last good checkpoint is kept in "
-                f"{out_dir} (step {_saved_step(out_dir)}); lower TrainConfig.lr or check the data"
-            ) from err
-        done = last_step = step + 1
-        record = dict(step=done, loss=loss, l0=l0, lr=lr)
-        if done % tc.eval_every == 0 or done == tc.steps:
-            val_loss = evaluate(model, val_batches)
-            record["val_loss"] = val_loss
-            history.append(record)
-            log.info("step %d/%d  loss %.4f  val %.4f  L0 %.4f  lr %.3g",
-                     done, tc.steps, loss, val_loss, l0, lr)
-        bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}", l0=f"{l0:.4f}")
-        stop = _reached(tc, val_loss) and "val_loss" in record
-        if done % tc.checkpoint_every == 0 or done == tc.steps or stop:
-            _save_run(out_dir, model, optimizer, done, model_cfg, tc, history, unigram)
-        if stop:
-            log.info("validation loss %.4f <= stop_at_val_loss %.4f: stopping at step %d",
-                     val_loss, tc.stop_at_val_loss, done)
-            break
+    with _sigint_flag() as interrupted:
+        for step in bar:
+            l0 = sparsity.l0_at_step(step, tc.steps, model_cfg.weight_l0, tc.dense_frac,
+                                     tc.anneal_end_frac, tc.anneal_kind)
+            lr = sparsity.lr_at_step(step, tc.steps, tc.lr, l0, tc.warmup_frac)
+            tokens = data.sample_batch(corpus.train, tc.batch_size, seq_len, step, tc.seed).to(device)
+            try:
+                loss = train_step(model, optimizer, tokens, lr, l0, tc)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(
+                    f"{err} at step {step}; stopping. The last good checkpoint is kept in "
+                    f"{out_dir} (step {_saved_step(out_dir)}); lower TrainConfig.lr or check the data"
+                ) from err
+            done = last_step = step + 1
+            record = dict(step=done, loss=loss, l0=l0, lr=lr)
+            if done % tc.eval_every == 0 or done == tc.steps:
+                val_loss = evaluate(model, val_batches)
+                record["val_loss"] = val_loss
+                history.append(record)
+                log.info("step %d/%d  loss %.4f  val %.4f  L0 %.4f  lr %.3g",
+                         done, tc.steps, loss, val_loss, l0, lr)
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}", l0=f"{l0:.4f}")
+            stop = _reached(tc, val_loss) and "val_loss" in record
+            if done % tc.checkpoint_every == 0 or done == tc.steps or stop or interrupted():
+                save(done)
+            if tc.snapshot_every and done % tc.snapshot_every == 0:
+                checkpoint.save_model(model, out_dir / SNAPSHOTS_DIR / f"step-{done:06d}")
+            if interrupted():
+                bar.close()
+                raise TrainingInterrupted(out_dir, done)
+            if stop:
+                log.info("validation loss %.4f <= stop_at_val_loss %.4f: stopping at step %d",
+                         val_loss, tc.stop_at_val_loss, done)
+                break
     bar.close()
     steps_done = max(last_step, history[-1]["step"] if history else 0)
     if not history or history[-1]["step"] != steps_done:
@@ -307,35 +387,82 @@ def _train(
                        seconds=time.perf_counter() - start)
 
 
+@contextlib.contextmanager
+def _sigint_flag():
+    """Within the body, the first Ctrl-C (SIGINT) only sets a flag (the body polls it with the
+    yielded callable) and restores the previous handler, so a second Ctrl-C interrupts at once.
+    Outside the main thread, where signal handlers cannot be set, the flag is never set."""
+    hit = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        hit.append(signum)
+        signal.signal(signal.SIGINT, previous)
+        log.warning("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to abort)")
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ------------------------------------------------------------------- checkpoints
-def _save_run(out_dir: Path, model: SparseHookedTransformer, optimizer: torch.optim.AdamW,
+def _save_run(out_dir: Path, model: SparseHookedTransformer, optimizer: torch.optim.Optimizer,
               step: int, model_cfg: SparseHookedTransformerConfig, tc: TrainConfig,
               history: list[dict[str, float]], unigram: float) -> None:
-    names = {id(p): n for n, p in model.named_parameters()}
+    """Checkpoint: the model's files plus `training/` (weights linked, optimizer state, state.json)."""
 
-    def write_training_state(tmp: Path) -> None:
-        (tmp / TRAINING_DIR).mkdir()
-        tensors, param_steps = {}, {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state.get(p)
-                if state:
-                    name = names[id(p)]
-                    tensors[f"{name}.exp_avg"] = state["exp_avg"]
-                    tensors[f"{name}.exp_avg_sq"] = state["exp_avg_sq"]
-                    param_steps[name] = float(state["step"])
-        checkpoint.save_tensors(tensors, tmp / TRAINING_DIR / "optimizer.safetensors")
+    def write_training_state(stage: Path) -> None:
+        (stage / TRAINING_DIR).mkdir()
+        checkpoint.link_or_copy(stage / checkpoint.WEIGHTS_FILE, stage / TRAINING_DIR / checkpoint.WEIGHTS_FILE)
+        tensors, param_state = optimizer_tensors(model, optimizer)
+        checkpoint.save_tensors(tensors, stage / TRAINING_DIR / "optimizer.safetensors")
         # torch build and thread count: what bitwise reproducibility depends on (module docstring)
-        state = dict(step=step, train_config=tc.to_json_dict(), param_steps=param_steps,
+        state = dict(step=step, train_config=tc.to_json_dict(), param_state=param_state,
                      history=history, unigram_val_loss=unigram, torch_version=torch.__version__,
                      torch_threads=torch.get_num_threads())
-        (tmp / TRAINING_DIR / "state.json").write_text(json.dumps(state, indent=1))
+        (stage / TRAINING_DIR / "state.json").write_text(json.dumps(state, indent=1))
 
     checkpoint.save_model(model, out_dir, write_extra=write_training_state)
 
 
+def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """The optimizer's per-parameter state, whatever its keys: tensors with more than one element
+    as `{param_name}.{key}` (for safetensors), 0-d ones (such as Adam's step) as JSON numbers."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, float]] = {}
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.ndim > 0:
+                tensors[f"{names[id(p)]}.{key}"] = value
+            else:
+                scalars.setdefault(names[id(p)], {})[key] = float(value)
+    return tensors, scalars
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         tensors: dict[str, torch.Tensor], scalars: dict[str, dict[str, float]]) -> None:
+    """Put back what `optimizer_tensors` saved (scalars as 0-d float32 tensors, as torch keeps them)."""
+    for name, p in model.named_parameters():
+        state = {key: torch.tensor(value, dtype=torch.float32)
+                 for key, value in scalars.get(name, {}).items()}
+        state.update({key[len(name) + 1:]: t.to(p.device) for key, t in tensors.items()
+                      if key.rsplit(".", 1)[0] == name})
+        if state:
+            optimizer.state[p] = state
+
+
 def _load_run(out_dir: Path, model_cfg: SparseHookedTransformerConfig, tc: TrainConfig, device: str):
     model = SparseHookedTransformer.from_pretrained(out_dir, device=device)
+    weights = out_dir / TRAINING_DIR / checkpoint.WEIGHTS_FILE
+    if weights.is_file():  # runs written before training/ held its own copy use the model's
+        checkpoint.load_parameters(model, checkpoint.load_tensors(weights), source=weights)
     saved_model_cfg = model.cfg.to_json_dict()
     wanted_model_cfg = model_cfg.to_json_dict()
     state = checkpoint.read_json(out_dir / TRAINING_DIR / "state.json")
@@ -350,13 +477,13 @@ def _load_run(out_dir: Path, model_cfg: SparseHookedTransformerConfig, tc: Train
                          + "; ".join(diffs))
     optimizer = make_optimizer(model, tc)
     tensors = checkpoint.load_tensors(out_dir / TRAINING_DIR / "optimizer.safetensors")
-    for name, p in model.named_parameters():
-        if name in state["param_steps"]:
-            optimizer.state[p] = dict(
-                step=torch.tensor(state["param_steps"][name]),
-                exp_avg=tensors[f"{name}.exp_avg"].to(p.device),
-                exp_avg_sq=tensors[f"{name}.exp_avg_sq"].to(p.device),
-            )
+    scalars = state.get("param_state") or {  # runs written before param_state: Adam's steps
+        name: {"step": step} for name, step in state.get("param_steps", {}).items()}
+    load_optimizer_state(model, optimizer, tensors, scalars)
+    if state.get("torch_threads", torch.get_num_threads()) != torch.get_num_threads():
+        log.warning("resuming with %d torch threads where the run used %d: the weights will not be "
+                    "bitwise those of an uninterrupted run (set OMP_NUM_THREADS=%d to match)",
+                    torch.get_num_threads(), state["torch_threads"], state["torch_threads"])
     return model, optimizer, int(state["step"]), list(state["history"])
 
 

@@ -84,3 +84,20 @@ def test_demo_trains_prunes_reports_and_then_reuses_the_run(tmp_path, capsys):
     assert cli.main(args) == 0  # a finished run is reused, not retrained
     assert (out / "model.safetensors").read_bytes() == weights
     assert (out / "node_means.safetensors").is_file()
+
+
+def test_train_refuses_to_replace_a_run_and_resume_alone_continues_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPARSE_LENS_CACHE", str(tmp_path / "cache"))
+    run = str(tmp_path / "run")
+    common = ["--preset", "tiny", "--max-files", "20", "--batch-size", "2", "--seq-len", "16",
+              "--eval-every", "2", "--no-progress"]
+    assert cli.main(["train", "--out", run, "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert cli.main(["train", "--out", run, "--steps", "4", *common]) == 0
+    assert cli.main(["train", "--out", run, "--steps", "4", *common]) == 2
+    assert "already holds a model" in capsys.readouterr().err
+    # continue with the saved settings alone: a finished run stays as it is
+    assert cli.main(["train", "--out", run, "--resume", "--no-progress"]) == 0
+    assert cli.main(["train", "--out", run, "--steps", "6", "--resume"]) == 2
+    assert "train.steps: saved 4, given 6" in capsys.readouterr().err
+    assert cli.main(["train", "--out", run, "--steps", "4", "--overwrite", *common]) == 0

@@ -191,3 +191,108 @@ def test_training_from_scratch_is_bitwise_reproducible_across_processes(tmp_path
     first = _train_in_subprocess(tmp_path, "a", hash_seed=1)
     second = _train_in_subprocess(tmp_path, "b", hash_seed=2)
     assert first == second
+
+
+# ------------------------------------------------------------------ the run directory is the user's too
+def test_a_checkpoint_replaces_only_the_trainers_own_files(corpus, tmp_path, monkeypatch):
+    """Pruning and the demo write into the run directory while it trains; checkpoints keep that."""
+    run = tmp_path / "run"
+    real_sample = data.sample_batch
+
+    def prune_while_training(tokens, batch_size, seq_len, step, seed):
+        if step == 12:  # after the checkpoint at step 10, before the one at 20
+            (run / "circuits" / "quote").mkdir(parents=True)
+            (run / "circuits" / "quote" / "circuit.json").write_text("{}")
+            (run / "report.html").write_text("<html></html>")
+        return real_sample(tokens, batch_size, seq_len, step, seed)
+
+    monkeypatch.setattr(data, "sample_batch", prune_while_training)
+    train(tiny_cfg(), short(steps=20), run, corpus=corpus, progress=False)
+    assert (run / "circuits" / "quote" / "circuit.json").read_text() == "{}"
+    assert (run / "report.html").is_file()
+    assert checkpoint.read_json(run / "training" / "state.json")["step"] == 20
+    assert not any(p.name.startswith(".") for p in run.iterdir())  # no staging left behind
+
+
+def test_a_new_run_refuses_a_directory_holding_a_model_unless_overwrite(corpus, tmp_path):
+    run = tmp_path / "run"
+    first = train(tiny_cfg(), short(steps=10), run, corpus=corpus, progress=False).model
+    (run / "notes.txt").write_text("mine")
+    (run / "node_means.safetensors").write_bytes(b"stale")
+    with pytest.raises(ValueError, match="already holds a model.*overwrite"):
+        train(tiny_cfg(), short(steps=10, seed=1), run, corpus=corpus, progress=False)
+    assert torch.equal(SparseHookedTransformer.from_pretrained(run).W_E, first.W_E)  # untouched
+    second = train(tiny_cfg(), short(steps=10, seed=1), run, corpus=corpus, progress=False,
+                   overwrite=True).model
+    assert not torch.equal(second.W_E, first.W_E)
+    assert (run / "notes.txt").read_text() == "mine"
+    assert not (run / "node_means.safetensors").exists()  # computed from the replaced weights
+
+
+def test_resume_with_nothing_to_resume_is_an_error(corpus, tmp_path):
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(tiny_cfg(), short(steps=10), tmp_path / "empty", resume=True, corpus=corpus, progress=False)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_alone_continues_bitwise(corpus, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    cfg, tc = tiny_cfg(weight_l0=1 / 8), short(steps=40)
+    uninterrupted = train(cfg, tc, tmp_path / "a", corpus=corpus, progress=False).model
+    real_sample = data.sample_batch
+
+    def ctrl_c_during_step_13(tokens, batch_size, seq_len, step, seed):
+        if step == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_sample(tokens, batch_size, seq_len, step, seed)
+
+    monkeypatch.setattr(data, "sample_batch", ctrl_c_during_step_13)
+    with pytest.raises(training.TrainingInterrupted, match=r"step 14 .*--resume"):
+        train(cfg, tc, tmp_path / "b", corpus=corpus, progress=False)
+    monkeypatch.setattr(data, "sample_batch", real_sample)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert checkpoint.read_json(tmp_path / "b" / "training" / "state.json")["step"] == 14
+    resumed = train(None, None, tmp_path / "b", resume=True, corpus=corpus, progress=False)
+    for (name, a), (_, b) in zip(uninterrupted.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_snapshots_keep_a_model_every_n_steps(corpus, tmp_path):
+    run = tmp_path / "run"
+    final = train(tiny_cfg(), short(steps=20, snapshot_every=10), run, corpus=corpus, progress=False).model
+    snaps = sorted(p.name for p in (run / "snapshots").iterdir())
+    assert snaps == ["step-000010", "step-000020"]
+    at_20 = SparseHookedTransformer.from_pretrained(run / "snapshots" / "step-000020")
+    at_10 = SparseHookedTransformer.from_pretrained(run / "snapshots" / "step-000010")
+    assert torch.equal(at_20.W_in, final.W_in) and not torch.equal(at_10.W_in, final.W_in)
+
+
+def test_validation_builds_no_autograd_graph(monkeypatch):
+    model = SparseHookedTransformer(tiny_cfg())
+    grad_modes = []
+    real_forward = SparseHookedTransformer.forward
+
+    def record(self, *args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SparseHookedTransformer, "forward", record)
+    training.evaluate(model, [torch.randint(0, 2048, (2, 16))])
+    assert grad_modes == [False]
+
+
+def test_optimizer_state_round_trips_whatever_its_keys():
+    model = SparseHookedTransformer(tiny_cfg())
+    for optimizer in (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                      training.make_optimizer(model, TrainConfig())):
+        model(torch.randint(0, 2048, (1, 8)), return_type="loss").backward()
+        optimizer.step()
+        tensors, scalars = training.optimizer_tensors(model, optimizer)
+        fresh = type(optimizer)(model.parameters(), **{k: v for k, v in optimizer.defaults.items()
+                                                       if k in ("lr", "momentum")})
+        training.load_optimizer_state(model, fresh, tensors, scalars)
+        for p in model.parameters():
+            for key, value in optimizer.state[p].items():
+                assert torch.equal(fresh.state[p][key], value), key

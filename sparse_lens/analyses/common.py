@@ -3,7 +3,7 @@ output folder (CSV, PNG, summary.md, meta.json with the command, seeds, configs 
 
 Models live in a models directory (default `runs/analyses`, `--models-dir`), one training run
 each, named by what they are (`small`, `small-dense`, `sweep-w128-l0_0.0625`); `train(...,
-resume=True)` reuses a finished run and continues an interrupted one, so analyses that need the
+resume="auto")` reuses a finished run and continues an interrupted one, so analyses that need the
 same model train it once. `small` and `small-dense` are the runs `sparse-lens train [--dense]`
 makes, so `--models-dir runs` reuses the demo's model and the dense baseline.
 """
@@ -65,7 +65,7 @@ def train_model(spec: ModelSpec, models_dir: Path, quick: bool, progress: bool =
     model_cfg, train_cfg = spec.configs(quick)
     path = Path(models_dir) / spec.name
     start = time.perf_counter()
-    result = train(model_cfg, train_cfg, path, resume=True, progress=progress)
+    result = train(model_cfg, train_cfg, path, resume="auto", progress=progress)
     result.model.eval()
     return TrainedModel(spec, result.model, path, result.val_loss, result.history,
                         time.perf_counter() - start)
