@@ -1,69 +1,118 @@
-"""Cost of pruning one task: wall time, and the memory of the mean cache and mask state.
+"""Cost and convergence of pruning: time per task, and whether the default budget has converged.
 
-    .venv/bin/python benchmarks/bench_pruning.py --model runs/small --task single_double_quote --target-loss 0.8
+    .venv/bin/python benchmarks/bench_pruning.py --model runs/small \
+        --tasks single_double_quote:0.15 lambda_func:0.3
 
-Prints seconds per phase (node means, if not cached; mask optimisation + bisection), the
-issue's target (under 60 s per task on 2 CPU threads), and the bytes of the node means and of
-the mask state (tau, its gradient and AdamW's two moments) next to the model's parameter bytes.
-Also the process's peak RSS before and after pruning (Linux ru_maxrss).
+For each task (and its target task loss, `task:target`), prunes the model twice, with the default
+mask-optimisation budget (`PruneConfig.steps`) and with `--factor` (10) times as many steps, and
+prints side by side: wall and CPU seconds of each phase (mask optimisation, circuit-size
+search), the circuit's nodes, edges and loss, and the size ratio default / longer. The issue's
+bars: under 60 s per task on the `small` preset on 2 cores, and a ratio of at most 1.2 (a 10x
+longer optimisation finds a circuit at most 1.2x smaller). CPU seconds beside wall seconds and
+the load average show how contended the machine was. Also the memory of the mean cache and of
+the mask state next to the model's parameters.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+TIME_BAR_S = 60.0
+RATIO_BAR = 1.2
+
+
+@contextmanager
+def timed(phases: dict, name: str, module, attr: str):
+    """Time every call of `module.attr` into `phases[name]` as [wall s, cpu s]."""
+    original = getattr(module, attr)
+
+    def wrapper(*args, **kwargs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent = phases.setdefault(name, [0.0, 0.0])
+            spent[0] += time.perf_counter() - wall
+            spent[1] += time.process_time() - cpu
+
+    setattr(module, attr, wrapper)
+    try:
+        yield
+    finally:
+        setattr(module, attr, original)
+
+
+def prune_once(model, task: str, target: float, steps: int, means) -> dict:
+    """One pruning run: its circuit and the seconds of each phase."""
+    from sparse_lens import pruning
+
+    phases: dict[str, list[float]] = {}
+    config = pruning.PruneConfig(progress=False, steps=steps, target_loss=target)
+    wall, cpu = time.perf_counter(), time.process_time()
+    with timed(phases, "optimise", pruning, "_optimise_taus"), timed(phases, "search", pruning, "_search"):
+        circuit = pruning.prune(model, task, config, means=means)
+    phases["total"] = [time.perf_counter() - wall, time.process_time() - cpu]
+    return dict(circuit=circuit, phases=phases, steps=steps)
+
+
+def report(task: str, target: float, runs: list[dict]) -> None:
+    print(f"{task} at target {target}:")
+    for run in runs:
+        c, p = run["circuit"], run["phases"]
+        if c.full_model_misses_target:
+            print(f"  {run['steps']:>5} steps: the full model misses the target (loss "
+                  f"{c.losses['full_model']:.3f}); nothing pruned")
+            continue
+        times = "  ".join(f"{k} {w:6.1f} s wall / {u:6.1f} s cpu" for k, (w, u) in p.items())
+        print(f"  {run['steps']:>5} steps: {c.n_nodes:5d} nodes {c.n_edges:6d} edges, circuit loss "
+              f"{c.losses['circuit']:.3f} (full {c.losses['full_model']:.3f});  {times}")
+    short, long = runs[0]["circuit"], runs[-1]["circuit"]
+    if not short.full_model_misses_target:
+        ratio = short.n_nodes / max(long.n_nodes, 1)
+        total = runs[0]["phases"]["total"][0]
+        print(f"  size ratio {runs[0]['steps']} / {runs[-1]['steps']} steps = {ratio:.3f} "
+              f"(bar <= {RATIO_BAR}: {'met' if ratio <= RATIO_BAR else 'MISSED'});  default budget "
+              f"{total:.1f} s wall (bar < {TIME_BAR_S:.0f} s: {'met' if total < TIME_BAR_S else 'MISSED'})")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("runs/small"))
-    parser.add_argument("--task", default="single_double_quote")
+    parser.add_argument("--tasks", nargs="+", default=["single_double_quote:0.15", "lambda_func:0.3"],
+                        help="task:target pairs (a target the full model meets)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--target-loss", type=float, default=None,
-                        help="a target the full model meets (at 0.15 a task the model cannot solve "
-                        "is skipped, which times nothing)")
+    parser.add_argument("--factor", type=int, default=10, help="the longer run's step multiple")
+    parser.add_argument("--no-long", action="store_true", help="time the default budget only")
     args = parser.parse_args(argv)
 
     from sparse_lens.hooks import NodeRegistry, node_means_for
     from sparse_lens.model import SparseHookedTransformer
-    from sparse_lens.pruning import PruneConfig, prune
+    from sparse_lens.pruning import PruneConfig
 
     torch.set_num_threads(args.threads)
     model = SparseHookedTransformer.from_pretrained(args.model)
     registry = NodeRegistry.for_model(model)
-    overrides = {k: v for k, v in (("steps", args.steps), ("target_loss", args.target_loss)) if v}
-    config = PruneConfig(progress=False, **overrides)
-
-    t0 = time.perf_counter()
-    means = node_means_for(model, args.model, n_tokens=config.mean_tokens)
-    t_means = time.perf_counter() - t0
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    circuit = prune(model, args.task, config, means=means)
-    t_prune = time.perf_counter() - t0
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
+    means = node_means_for(model, args.model, n_tokens=PruneConfig().mean_tokens)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    means_bytes = means.numel() * means.element_size()
-    mask_state_bytes = 4 * registry.n_nodes * 4  # tau, grad, exp_avg, exp_avg_sq in float32
-    print(f"model {args.model} ({model.cfg.model_name}): {registry.n_nodes:,} nodes, "
-          f"{param_bytes / 2**20:.1f} MiB of parameters; {torch.get_num_threads()} threads")
-    print(f"  node means ({'loaded' if t_means < 1 else 'computed'}): {t_means:6.1f} s")
-    print(f"  prune {args.task}: {t_prune:6.1f} s ({config.steps} mask steps of {config.batch_size} "
-          f"examples + bisection)  target < 60 s: {'met' if t_prune < 60 else 'MISSED'}")
-    if circuit.full_model_misses_target:
-        print(f"  the full model misses target {config.target_loss}: nothing was pruned (pass --target-loss)")
-    else:
-        print(f"  circuit: {circuit.n_nodes} nodes, {circuit.n_edges} edges, losses {circuit.losses}")
-    print(f"  mean cache / parameters = {means_bytes / param_bytes:.4f} ({means_bytes / 1024:.0f} KiB)")
-    print(f"  mask state / parameters = {mask_state_bytes / param_bytes:.4f} "
-          f"({mask_state_bytes / 1024:.0f} KiB)")
-    print(f"  peak RSS {rss_before / 1024:.0f} MiB before pruning, {rss_after / 1024:.0f} MiB after")
+    print(f"model {args.model}: {registry.n_nodes:,} nodes, {param_bytes / 2**20:.1f} MiB of "
+          f"parameters; {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; load average "
+          f"{os.getloadavg()[0]:.1f} at the start")
+    print(f"  mean cache / parameters = {means.numel() * means.element_size() / param_bytes:.4f}; "
+          f"mask state (tau, grad, 2 AdamW moments) / parameters = "
+          f"{16 * registry.n_nodes / param_bytes:.4f}")
+    steps = PruneConfig().steps
+    for spec in args.tasks:
+        task, _, target = spec.partition(":")
+        target = float(target or PruneConfig().target_loss)
+        budgets = [steps] if args.no_long else [steps, steps * args.factor]
+        report(task, target, [prune_once(model, task, target, s, means) for s in budgets])
+        print(f"  load average now {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ The paper's method (Gao et al. 2025, section 2.2), on the hooks of `sparse_lens.
    derivative (a straight-through surrogate);
 2. minimise `task_loss + k_coef * (number of nodes kept)` with AdamW on the taus, gradient
    clipping, for `steps` batches of the task's training examples;
-3. order nodes by tau, and bisect the number kept for the smallest circuit whose task loss (on
-   fixed evaluation examples) is at most `target_loss`;
+3. order nodes by tau, and find the smallest number kept whose circuit has task loss at most
+   `target_loss` on fixed evaluation examples: exactly, by trying every prefix of the tau order
+   in turn (many at once, dropping each as soon as its loss is known to exceed the target;
+   `smallest_passing_prefix`), because the loss-vs-prefix curve is not monotone;
 4. optionally fit a scale and per-candidate-token bias on the final logits with LBFGS
    (`calibrate=True`); the circuit then keeps them and `Circuit.run` applies them.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +32,10 @@ from tqdm.auto import tqdm
 from sparse_lens import tasks
 from sparse_lens.hooks import NodeRegistry, masked_nodes, node_means_for
 from sparse_lens.tasks import final_logits
+
+
+#: `(ns, rows) -> [len(ns), rows]` per-example task losses of the circuits keeping n nodes
+ExampleLosses = Callable[[list[int], slice], torch.Tensor]
 
 
 @dataclass(kw_only=True)
@@ -45,6 +52,8 @@ class PruneConfig:
     n_train: int = 512  # task examples to optimise on
     n_eval: int = 128  # fixed examples the bisection evaluates (train split, another seed)
     calibrate: bool = False
+    level: str = "core"  # task level of a named task ("core" or "hard"; `tasks.get_task`)
+    source: str = "generated"  # or "corpus": real instances (`tasks.CORPUS_TASKS` only)
     seed: int = 0
     mean_tokens: int = 1 << 16  # tokens the node means average over (if not cached)
     progress: bool = True
@@ -57,6 +66,9 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.target_loss must be > 0; got {self.target_loss!r}")
         if not (self.k_coef >= 0 and self.lr > 0 and self.grad_clip > 0):
             raise ValueError("PruneConfig.k_coef must be >= 0, lr and grad_clip > 0")
+        if self.level not in tasks.LEVELS or self.source not in tasks.SOURCES:
+            raise ValueError(f"PruneConfig.level must be one of {tasks.LEVELS} and source one of "
+                             f"{tasks.SOURCES}; got {self.level!r}, {self.source!r}")
         if not -1.0 <= self.init_tau <= 1.0:
             raise ValueError(f"PruneConfig.init_tau must be in [-1, 1]; got {self.init_tau!r}")
 
@@ -152,9 +164,9 @@ def fit_calibration(pairs: torch.Tensor, data, max_iter: int = 50) -> Calibratio
 
 
 def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=None, **overrides):
-    """Prune `model` to the smallest circuit that solves `task`: a task name (`tasks.list_tasks()`;
-    optimised on its train split, bisected on other train examples) or a hand-made `TaskData`
-    (used for both).
+    """Prune `model` to the smallest circuit that solves `task`: a task name (`tasks.list_tasks()`,
+    at `config.level` from `config.source`; optimised on its train split, the circuit size
+    searched on other train examples) or a hand-made `TaskData` (used for both).
 
     `means`: per-node means (default: loaded from / cached in `model_dir`, else computed on the
     standard library). Keyword overrides update `config`, e.g. `prune(model, "with_as",
@@ -171,8 +183,9 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
     device = model.cfg.device
     if isinstance(task, str):
         name, custom = task, None
-        train_data = tasks.get_task(name, model.tokenizer, n=config.n_train, seed=config.seed).to(device)
-        eval_data = tasks.get_task(name, model.tokenizer, n=config.n_eval, seed=config.seed + 1).to(device)
+        kind = dict(level=config.level, source=config.source)
+        train_data = tasks.get_task(name, model.tokenizer, n=config.n_train, seed=config.seed, **kind).to(device)
+        eval_data = tasks.get_task(name, model.tokenizer, n=config.n_eval, seed=config.seed + 1, **kind).to(device)
     else:  # a hand-made TaskData: optimise and bisect on it
         name, custom = task.name, task.to(device)
         train_data = eval_data = custom
@@ -188,7 +201,7 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
             else:
                 tau = _optimise_taus(model, masker, train_data, registry, config)
                 order = torch.argsort(tau.detach().cpu(), descending=True, stable=True)
-                n_kept, curve = _bisect(model, masker, eval_data, order, registry, config)
+                n_kept, curve = _search(model, masker, eval_data, order, registry, config)
                 kept = order[:n_kept]
             mask = torch.zeros(registry.n_nodes)
             mask[kept] = 1.0
@@ -244,10 +257,95 @@ def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneCon
     return tau.detach().cpu()
 
 
-def _bisect(model, masker, data, order, registry: NodeRegistry, config: PruneConfig):
+def smallest_passing_prefix(example_losses: ExampleLosses, n_max: int, n_examples: int,
+                            target: float, start: int = 0, batch_size: int = 32,
+                            max_chunk: int = 16) -> int | None:
+    """The smallest `n` in [start, n_max] whose circuit meets `target`: mean per-example loss
+    over the `n_examples` evaluation examples <= target. Exact whatever the shape of the
+    loss-vs-n curve (a bisection assumes it falls monotonically; on a real curve it can stop
+    at a later crossing): every `n` is tried in order, in chunks of up to `max_chunk`
+    candidates evaluated together.
+
+    `example_losses(ns, rows)` returns [len(ns), rows] per-example losses of the circuits
+    keeping the first `n` nodes, for each n in `ns`, on the evaluation examples `rows` (a
+    slice). Losses are >= 0, so a candidate is dropped as soon as its running sum exceeds
+    `target * n_examples`: a clearly failing circuit costs one batch of `batch_size` examples.
+    Returns None if no n passes."""
+    bound = target * n_examples
+    chunk = 4
+    while start <= n_max:
+        ns = list(range(start, min(start + chunk, n_max + 1)))
+        sums = torch.zeros(len(ns), dtype=torch.float64)
+        alive = list(range(len(ns)))
+        for first in range(0, n_examples, batch_size):
+            if not alive:
+                break
+            losses = example_losses([ns[i] for i in alive], slice(first, first + batch_size))
+            sums[alive] += losses.detach().double().sum(dim=1).cpu()
+            alive = [i for i in alive if sums[i] <= bound]
+        if alive:
+            return ns[alive[0]]
+        start += len(ns)
+        chunk = min(2 * chunk, max_chunk)
+    return None
+
+
+def _prefix_losses(model, masker, data, order, registry: NodeRegistry) -> ExampleLosses:
+    """`example_losses` for `smallest_passing_prefix`: the circuits keeping the first n nodes of
+    `order`, all evaluated in one forward pass (each candidate on its own copy of the rows,
+    with its own row mask), examples taken shortest first."""
+    by_length = _by_length(data)
+    rank = torch.empty(registry.n_nodes, dtype=torch.long)
+    rank[order] = torch.arange(registry.n_nodes)
+    rank = rank.to(model.cfg.device)
+
+    def example_losses(ns: list[int], rows: slice) -> Float[torch.Tensor, "candidates examples"]:
+        part = data[by_length[rows]]
+        k, e = len(ns), len(part)
+        kept = torch.tensor(ns, device=rank.device)[:, None]
+        masker.set_row_masks((rank[None, :] < kept).float().repeat_interleave(e, dim=0))
+        tokens = part.tokens.repeat(k, 1)
+        with torch.no_grad():
+            logits = model(tokens)
+        rows_k = torch.arange(k * e, device=logits.device)
+        last = logits[rows_k, part.last_pos.to(logits.device).repeat(k)]
+        diff = last[rows_k, part.correct.to(logits.device).repeat(k)] - \
+            last[rows_k, part.contrast.to(logits.device).repeat(k)]
+        return F.softplus(-diff).view(k, e)
+
+    return example_losses
+
+
+def _search(model, masker, data, order, registry: NodeRegistry, config: PruneConfig):
     """Step 3: the smallest `n` such that keeping the `n` highest-tau nodes gives task loss
-    <= target (assuming the loss falls as nodes are added). Returns `n` and the evaluated
+    <= target on `data` (exactly: `smallest_passing_prefix`; with `calibrate`, a bisection that
+    assumes the calibrated loss falls as nodes are added). Returns `n` and the evaluated
     `(n, loss)` points. If even all nodes miss the target, returns all nodes."""
+    if config.calibrate:
+        return _bisect_calibrated(model, masker, data, order, registry, config)
+    device = model.cfg.device
+    curve: dict[int, float] = {}
+
+    def loss_at(n: int) -> float:
+        mask = torch.zeros(registry.n_nodes, device=device)
+        mask[order[:n].to(device)] = 1.0
+        curve[n] = pair_loss(final_logit_pairs(model, data, masker, mask))
+        return curve[n]
+
+    n_all = registry.n_nodes
+    if loss_at(n_all) > config.target_loss:
+        return n_all, sorted(curve.items())
+    example_losses = _prefix_losses(model, masker, data, order, registry)
+    n = smallest_passing_prefix(example_losses, n_all, len(data), config.target_loss)
+    # the scan sums in another order than `pair_loss`: confirm, moving on past float ties
+    while n is not None and n < n_all and loss_at(n) > config.target_loss:
+        n = smallest_passing_prefix(example_losses, n_all, len(data), config.target_loss, start=n + 1)
+    return (n_all if n is None else n), sorted(curve.items())
+
+
+def _bisect_calibrated(model, masker, data, order, registry: NodeRegistry, config: PruneConfig):
+    """Step 3 with calibration: bisect the number kept (each point fits its own calibration,
+    so losses cannot be bounded early); assumes the loss falls as nodes are added."""
     device = model.cfg.device
     calibrate = config.calibrate
     curve: dict[int, float] = {}

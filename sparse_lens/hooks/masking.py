@@ -39,6 +39,18 @@ class NodeMasker:
         self._mask = value
         self._mask_parts = self.registry.split(value.to(self.means.dtype))
 
+    def set_row_masks(self, masks: Float[torch.Tensor, "batch n_nodes"]) -> None:
+        """Give each row of the next batches its own mask (row b uses `masks[b]`; the batch must
+        have exactly `masks.shape[0]` rows), e.g. to evaluate many candidate circuits in one
+        pass. Setting `.mask` goes back to one mask for every row."""
+        if masks.ndim != 2 or masks.shape[1] != self.registry.n_nodes:
+            raise ValueError(f"row masks must have shape (batch, {self.registry.n_nodes}); "
+                             f"got {tuple(masks.shape)}")
+        masks = masks.to(self.means.dtype)
+        self._mask = masks
+        self._mask_parts = {s.hook_name: masks[:, s.offset:s.offset + s.size].reshape(len(masks), 1, *s.shape)
+                            for s in self.registry.sites}
+
     def hook_for(self, hook_name: str):
         mean = self._mean_parts[hook_name]
 

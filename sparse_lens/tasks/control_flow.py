@@ -36,26 +36,36 @@ def _condition(rng: random.Random) -> str:
     return rng.choice([a, f"not {a}", f"{a} < {b}", f"{a} is not None", f"len({a}) > {int_literal(rng)}"])
 
 
+def _name_condition(rng: random.Random) -> str:
+    """A loop condition that ends with a name, as a `for` target does (core for_while: the
+    last token then says nothing about the loop kind)."""
+    a, b = pick_distinct(rng, NAMES, 2)
+    return rng.choice([a, f"not {a}", f"{a} < {b}", f"{a} and {b}", f"{a} != {b}"])
+
+
 @register("for_while",
-          "after `for target` the next token is ' in'; after `while condition` it is ':' (both "
-          "loop kinds may appear earlier in the function)")
-def for_while(rng: random.Random, label: int) -> Example:
+          "after `for target` the next token is ' in'; after `while condition` it is ':'",
+          hard_adds="a complete loop of either kind earlier in the function; targets like "
+          "`i, (a, b)` and conditions ending in a number or None, which give the kind away")
+def for_while(rng: random.Random, label: int, hard: bool = True) -> Example:
     seq = rng.choice(NAMES)
-    lines = _function_start(rng, seq)
+    lines = _function_start(rng, seq, loop_prob=0.4 if hard else 0.0)
     if label == 0:
         a, b = pick_distinct(rng, NAMES, 2, exclude=[seq])
-        lines.append(indent(1) + "for " + rng.choice([a, f"{a}, {b}", f"i, ({a}, {b})"]))
+        targets = [a, f"{a}, {b}", f"i, ({a}, {b})"] if hard else [a, f"{a}, {b}"]
+        lines.append(indent(1) + "for " + rng.choice(targets))
         correct, contrast, suffix = " in", ":", f" {seq}:\n{indent(2)}pass\n"
     else:
-        lines.append(indent(1) + "while " + _condition(rng))
+        lines.append(indent(1) + "while " + (_condition(rng) if hard else _name_condition(rng)))
         correct, contrast, suffix = ":", " in", f"\n{indent(2)}pass\n"
     return Example(join_lines(lines)[:-1], correct, contrast, suffix, label, contrast_invalid=True)
 
 
 @register("else_elif",
           "at column 0 after an if block: 'elif' when the if dispatched on a value "
-          "(`if mode == \"r\":`), 'else' when it was a yes/no test (`if not items:`)")
-def else_elif(rng: random.Random, label: int) -> Example:
+          "(`if mode == \"r\":`), 'else' when it was a yes/no test (`if not items:`)",
+          hard_adds="nothing: the two levels draw from the same generator (no distractors to remove)")
+def else_elif(rng: random.Random, label: int, hard: bool = True) -> Example:
     var = rng.choice(NAMES)
     literal = lambda: str_literal(rng) if rng.random() < 0.6 else int_literal(rng)  # noqa: E731
     if label == 0:
@@ -72,10 +82,13 @@ def else_elif(rng: random.Random, label: int) -> Example:
 
 @register("if_ternary",
           "after `if condition`: ':' when the if starts a statement, ' else' when it is a "
-          "conditional expression (`x = a if condition`, `return a if condition`)")
-def if_ternary(rng: random.Random, label: int) -> Example:
-    lines = _function_start(rng, rng.choice(NAMES), loop_prob=0.2, max_filler=1)
-    if rng.random() < 0.3:  # a complete ternary as context, whatever the label
+          "conditional expression (`x = a if condition`, `return a if condition`)",
+          hard_adds="a complete conditional expression on an earlier line (either class), and "
+          "sometimes a complete loop")
+def if_ternary(rng: random.Random, label: int, hard: bool = True) -> Example:
+    lines = _function_start(rng, rng.choice(NAMES), loop_prob=0.2 if hard else 0.0,
+                            max_filler=1 if hard else 2)
+    if hard and rng.random() < 0.3:  # a complete ternary as context, whatever the label
         lines.append(indent(1) + f"{rng.choice(NAMES)} = {scalar_literal(rng)} if {_condition(rng)} "
                                  f"else {scalar_literal(rng)}")
     condition = _condition(rng)
@@ -102,8 +115,9 @@ def _comprehension_statement(rng: random.Random, seq: str) -> str:
 
 @register("indent_for",
           "the indentation token of the line after a `for ...:` header (one level deeper) vs "
-          "after a plain statement at the same depth, which may itself contain a comprehension's for")
-def indent_for(rng: random.Random, label: int) -> Example:
+          "after a plain statement at the same depth",
+          hard_adds="the plain statement is often a comprehension that itself contains `for`")
+def indent_for(rng: random.Random, label: int, hard: bool = True) -> Example:
     seq, cond, item = pick_distinct(rng, NAMES, 3)
     level = rng.choice([1, 2])
     lines = [def_header(rng, [seq])]
@@ -114,7 +128,8 @@ def indent_for(rng: random.Random, label: int) -> Example:
         lines.append(indent(level) + f"for {item} in {seq}:")
         correct, contrast = target_indent(level + 1), target_indent(level)
     else:
-        lines.append(indent(level) + _comprehension_statement(rng, seq))
+        plain = _comprehension_statement(rng, seq) if hard else filler_statement(rng, avoid=[seq])
+        lines.append(indent(level) + plain)
         correct, contrast = target_indent(level), target_indent(level + 1)
     return Example(join_lines(lines), correct, contrast, " pass\n", label, contrast_invalid=True)
 
@@ -135,8 +150,9 @@ def _search_loop(rng: random.Random) -> tuple[list[str], str]:
 
 @register("while_return_true",
           "in a function searching with a while loop: 'return' inside the found-it branch is "
-          "followed by ' True', the 'return' after the loop by ' False'")
-def while_return_true(rng: random.Random, label: int) -> Example:
+          "followed by ' True', the 'return' after the loop by ' False'",
+          hard_adds="nothing: the two levels draw from the same generator (no distractors to remove)")
+def while_return_true(rng: random.Random, label: int, hard: bool = True) -> Example:
     body, params = _search_loop(rng)
     found = indent(3) + "return"
     lines = [def_header(rng, [params], name=f"has_{rng.choice(NAMES)}")]
@@ -152,8 +168,9 @@ def while_return_true(rng: random.Random, label: int) -> Example:
 
 @register("enumerate_range",
           "after `for i, item in` the next token is ' enumerate', after `for i in` it is "
-          "' range' (index-style names in both)")
-def enumerate_range(rng: random.Random, label: int) -> Example:
+          "' range' (index-style names in both)",
+          hard_adds="nothing: the two levels draw from the same generator (no distractors to remove)")
+def enumerate_range(rng: random.Random, label: int, hard: bool = True) -> Example:
     seq = rng.choice(NAMES)
     lines = _function_start(rng, seq)
     index = rng.choice(["i", "j", "k", "n", "idx", "index", "pos", "lineno"])

@@ -35,8 +35,9 @@ _PATH_NAMES = ("path", "filename", "fname", "dest", "src", "config_path", "log_f
 
 @register("with_as",
           "after `with manager`: ' as' when the manager's value is used (open(...), "
-          "TemporaryDirectory(), ...) vs ':' for effect-only managers (locks, suppress, assertRaises)")
-def with_as(rng: random.Random, label: int) -> Example:
+          "TemporaryDirectory(), ...) vs ':' for effect-only managers (locks, suppress, assertRaises)",
+          hard_adds="nothing: the two levels draw from the same generator (no distractors to remove)")
+def with_as(rng: random.Random, label: int, hard: bool = True) -> Example:
     param = rng.choice(NAMES)
     pool = _BOUND_MANAGERS if label == 0 else _EFFECT_MANAGERS
     manager = rng.choice(pool).format(p=param, e=rng.choice(_EXCEPTIONS))
@@ -58,8 +59,9 @@ def _path_line(rng: random.Random, path: str) -> str:
 
 @register("with_open",
           "after `with`: ' open' when only a path was prepared, vs the name of the file object "
-          "when the previous line already opened it (`f = open(path)`)")
-def with_open(rng: random.Random, label: int) -> Example:
+          "when the previous line already opened it (`f = open(path)`)",
+          hard_adds="nothing: the two levels draw from the same generator (no distractors to remove)")
+def with_open(rng: random.Random, label: int, hard: bool = True) -> Example:
     path, handle = rng.choice(_PATH_NAMES), rng.choice(_HANDLE_NAMES)
     lines = [def_header(rng, ["self"])] + filler_lines(rng, 1, 0, 1, avoid=[path, handle])
     lines.append(indent(1) + _path_line(rng, path))
@@ -89,8 +91,11 @@ def _class_start(rng: random.Random) -> list[str]:
 
 @register("lambda_func",
           "' def' to start a method in a class body (often after a decorator) vs ' lambda' "
-          "after `name =` or a dict key, where a def cannot go")
-def lambda_func(rng: random.Random, label: int) -> Example:
+          "after `name =` or a dict key, where a def cannot go",
+          hard_adds="nothing: the two levels draw from the same generator",
+          too_easy="the prompt's last token differs by class (indentation or a decorator before "
+          "' def', '=' or ':' before ' lambda'), so a last-token table solves it")
+def lambda_func(rng: random.Random, label: int, hard: bool = True) -> Example:
     lines = _class_start(rng)
     if label == 0:
         decorated = rng.random() < 0.6
@@ -125,9 +130,10 @@ def _init_method(rng: random.Random, params: list[str], complete: bool) -> list[
 
 @register("class_init",
           "after `super()` inside a method: '.__init__' when the enclosing method is __init__, "
-          "else '.name' of the enclosing method (a complete __init__ may come before it)",
-          max_prompt_tokens=72)
-def class_init(rng: random.Random, label: int) -> Example:
+          "else '.name' of the enclosing method",
+          max_prompt_tokens=72,
+          hard_adds="a complete __init__ (with its super().__init__() call) before the other method")
+def class_init(rng: random.Random, label: int, hard: bool = True) -> Example:
     base = pick(rng, CLASS_NAMES + ("Thread", "dict", "Exception"))
     lines = [f"class {pick(rng, CLASS_NAMES, exclude=[base])}({base}):"]
     if rng.random() < 0.4:
@@ -138,7 +144,7 @@ def class_init(rng: random.Random, label: int) -> Example:
         lines += _init_method(rng, params, complete=False)
         correct, contrast = ".__init__", "." + method
     else:
-        if rng.random() < 0.6:
+        if hard and rng.random() < 0.6:
             lines += _init_method(rng, params, complete=True) + [""]
         arg = rng.choice(["", ", " + rng.choice(NAMES)])
         lines += [indent(1) + f"def {method}(self{arg}):", indent(2) + "super()"]

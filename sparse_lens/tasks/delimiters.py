@@ -38,15 +38,17 @@ def _string_body(rng: random.Random, quote: str) -> str:
 
 
 @register("single_double_quote",
-          "close a string with the quote it was opened with: ' vs \" (the other quote may occur "
-          "inside it and on earlier lines)")
-def single_double_quote(rng: random.Random, label: int) -> Example:
+          "close a string with the quote it was opened with: ' vs \" (no other quote anywhere)",
+          hard_adds="the other quote inside the string (don't in \"...\", \"name\" in '...'), a "
+          "complete string of the other quote on an earlier line, strings in the filler")
+def single_double_quote(rng: random.Random, label: int, hard: bool = True) -> Example:
     quote, other = ("'", '"') if label == 0 else ('"', "'")
     opener, closer = _slot(rng)
-    lines = filler_lines(rng, 0, 0, 2)
-    if rng.random() < 0.5:  # an earlier, complete string with the other quote
+    lines = filler_lines(rng, 0, 0, 2 if hard else 3, without="" if hard else "'\"")
+    if hard and rng.random() < 0.5:  # an earlier, complete string with the other quote
         lines.insert(rng.randint(0, len(lines)), f"{rng.choice(NAMES)} = {str_literal(rng, other)}")
-    prompt = join_lines(lines) + opener + quote + _string_body(rng, quote)
+    body = _string_body(rng, quote) if hard else phrase(rng, 1, 5)
+    prompt = join_lines(lines) + opener + quote + body
     return Example(prompt, quote, other, suffix=closer + "\n", label=label, contrast_invalid=True)
 
 
@@ -62,19 +64,25 @@ def _scalars(rng: random.Random, kind: str, low: int, high: int) -> list[str]:
 
 
 @register("bracket_counting",
-          "close a list literal with ] (depth 1) or ]] (still inside an inner list); complete "
-          "inner lists may precede, so the depth must be counted")
-def bracket_counting(rng: random.Random, label: int) -> Example:
+          "close a list literal with ] (depth 1) or ]] (still inside an inner list opened after "
+          "0-2 scalars)",
+          hard_adds="complete inner lists before the open one (so the depth must be counted, not "
+          "just seen), lists in the filler")
+def bracket_counting(rng: random.Random, label: int, hard: bool = True) -> Example:
     kind = rng.choice(["int", "str", "name"])
-    items = [f"[{', '.join(_scalars(rng, kind, 1, 3))}]" if rng.random() < 0.6
-             else _scalars(rng, kind, 1, 1)[0] for _ in range(rng.randint(0, 2))]
+    if hard:
+        items = [f"[{', '.join(_scalars(rng, kind, 1, 3))}]" if rng.random() < 0.6
+                 else _scalars(rng, kind, 1, 1)[0] for _ in range(rng.randint(0, 2))]
+    else:
+        items = _scalars(rng, kind, 0, 2)
     if label == 1:  # end inside an unfinished inner list
         items.append("[" + ", ".join(_scalars(rng, kind, 1, 3)))
     else:
         items.extend(_scalars(rng, kind, 1, 3))
     opener, closer = _slot(rng)
     correct, contrast = ("]]", "]") if label == 1 else ("]", "]]")
-    prompt = join_lines(filler_lines(rng, 0, 0, 2)) + opener + "[" + ", ".join(items)
+    filler = filler_lines(rng, 0, 0, 2, without="" if hard else "[]")
+    prompt = join_lines(filler) + opener + "[" + ", ".join(items)
     return Example(prompt, correct, contrast, suffix=closer + "\n", label=label, contrast_invalid=True)
 
 
@@ -93,15 +101,17 @@ def _field_expression(rng: random.Random) -> str:
 
 @register("fstring_brace",
           "after an expression, close an f-string replacement field with } or a call's argument "
-          "list with ); both kinds of prompt sit inside a call")
-def fstring_brace(rng: random.Random, label: int) -> Example:
+          "list with ); both kinds of prompt sit inside a call",
+          hard_adds="a complete replacement field earlier in the f-string, and a complete f-string "
+          "(with its {...}) as an earlier argument of the call")
+def fstring_brace(rng: random.Random, label: int, hard: bool = True) -> Example:
     call, quote, text = rng.choice(_CALLS), rng.choice("'\""), phrase(rng, 1, 3)
     if label == 0:  # inside {...} of an f-string
-        done = f"{{{_field_expression(rng)}}} " if rng.random() < 0.4 else ""
+        done = f"{{{_field_expression(rng)}}} " if hard and rng.random() < 0.4 else ""
         line = f"{call}f{quote}{done}{text}: {{{_field_expression(rng)}"
         correct, contrast, suffix = "}", ")", quote + ")\n"
     else:  # a plain argument list, possibly after a complete f-string argument
-        head = f"f{quote}{text} {{{_field_expression(rng)}}}{quote}" if rng.random() < 0.4 \
+        head = f"f{quote}{text} {{{_field_expression(rng)}}}{quote}" if hard and rng.random() < 0.4 \
             else f"{quote}{text}:{quote}"
         line = f"{call}{head}, {_field_expression(rng)}"
         correct, contrast, suffix = ")", "}", "\n"
@@ -122,10 +132,30 @@ def _dict_literal(rng: random.Random, complete: bool) -> str:
     return "{" + body + ("}" if complete else "")
 
 
+def _flat_collection(rng: random.Random, label: int) -> tuple[str, str, str]:
+    """Core bracket_brace: an open list (label 0) or dict / set (label 1) of scalars of one kind,
+    and its (correct, contrast) closers."""
+    kind = rng.choice(["int", "str", "name"])
+    if label == 0:
+        return "[" + ", ".join(_scalars(rng, kind, 1, 4)), "]", "}"
+    if rng.random() < 0.6:
+        quote = rng.choice("'\"")
+        keys, values = rng.sample(WORDS, rng.randint(1, 3)), _scalars(rng, kind, 3, 3)
+        return "{" + ", ".join(f"{quote}{k}{quote}: {v}" for k, v in zip(keys, values)), "}", "]"
+    return "{" + ", ".join(_scalars(rng, kind, 1, 4)), "}", "]"
+
+
 @register("bracket_brace",
-          "close a collection literal with ] (a list) or } (a dict or set); complete literals "
-          "of the other kind may be nested inside")
-def bracket_brace(rng: random.Random, label: int) -> Example:
+          "close a collection literal of scalars with ] (a list) or } (a dict or set)",
+          hard_adds="complete literals of the other kind nested inside (dicts in the list, lists "
+          "as dict values); lists only of scalars, dicts with int values, sets of ints")
+def bracket_brace(rng: random.Random, label: int, hard: bool = True) -> Example:
+    if not hard:
+        literal, correct, contrast = _flat_collection(rng, label)
+        opener, closer = _slot(rng)
+        prompt = join_lines(filler_lines(rng, 0, 0, 2, without="[]{}")) + opener + literal
+        return Example(prompt, correct, contrast, suffix=closer + "\n", label=label,
+                       contrast_invalid=True)
     if label == 0:  # a list, possibly holding complete dicts
         items = [_dict_literal(rng, True) for _ in range(rng.randint(0, 1))]
         items += _scalars(rng, rng.choice(["int", "str", "name"]), 1, 3)

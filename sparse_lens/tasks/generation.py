@@ -76,14 +76,18 @@ def _too_long(spec: TaskSpec, prompt: str, tokenizer: PreTrainedTokenizerBase | 
 
 
 def generate_examples(name: str, n: int = 256, seed: int = 0, split: str = "train",
-                      tokenizer: PreTrainedTokenizerBase | None = None) -> list[Example]:
-    """`n` distinct examples of task `name` from `split`, classes alternating 0, 1, 0, ...;
-    deterministic in (name, seed, split, tokenizer), and a smaller `n` gives a prefix of a
-    larger one's examples. With a `tokenizer`, prompts longer than the task's
-    `max_prompt_tokens` are skipped. Every example passes `check_example_syntax`."""
+                      tokenizer: PreTrainedTokenizerBase | None = None,
+                      level: str = "core") -> list[Example]:
+    """`n` distinct examples of task `name` at `level` ("core" or "hard") from `split`, classes
+    alternating 0, 1, 0, ...; deterministic in (name, level, seed, split, tokenizer), and a
+    smaller `n` gives a prefix of a larger one's examples. With a `tokenizer`, prompts longer
+    than the task's `max_prompt_tokens` are skipped. Every example passes
+    `check_example_syntax`. The hard level draws exactly the examples it drew before levels
+    existed (same random stream)."""
     validate_request(n, split)
-    spec = get_spec(name)
-    rng = random.Random(f"sparse_lens.tasks/{name}/{split}/{seed}")
+    spec = get_spec(name, level)
+    stream = f"{name}/{split}/{seed}" if level == "hard" else f"{name}/{level}/{split}/{seed}"
+    rng = random.Random(f"sparse_lens.tasks/{stream}")
     examples: list[Example] = []
     seen: set[str] = set()
     for _ in range(_ATTEMPTS_PER_EXAMPLE * n):

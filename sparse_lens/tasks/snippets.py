@@ -115,9 +115,16 @@ def filler_statement(rng: random.Random, avoid: Sequence[str] = ()) -> str:
 
 
 def filler_lines(rng: random.Random, level: int, low: int, high: int,
-                 avoid: Sequence[str] = ()) -> list[str]:
-    """Between `low` and `high` filler statements, indented to `level`."""
-    return [indent(level) + filler_statement(rng, avoid) for _ in range(rng.randint(low, high))]
+                 avoid: Sequence[str] = (), without: str = "") -> list[str]:
+    """Between `low` and `high` filler statements, indented to `level`. A statement containing
+    any character of `without` is drawn again (core levels keep e.g. quotes out of the filler)."""
+    lines = []
+    for _ in range(rng.randint(low, high)):
+        statement = filler_statement(rng, avoid)
+        while any(c in statement for c in without):
+            statement = filler_statement(rng, avoid)
+        lines.append(indent(level) + statement)
+    return lines
 
 
 def indent(level: int) -> str:

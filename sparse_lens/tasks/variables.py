@@ -49,21 +49,24 @@ def _set_or_string(rng: random.Random, label: int, var: str, distractor: bool) -
 
 @register("set_or_string",
           "a variable set to set() or to an empty string earlier: continue it with .add or ' +=' "
-          "(names vary; half the prompts also initialise another variable with the other type)")
-def set_or_string(rng: random.Random, label: int) -> Example:
-    return _set_or_string(rng, label, pick(rng, NAMES), distractor=rng.random() < 0.5)
+          "(names vary)",
+          hard_adds="half the prompts also initialise another variable with the other type")
+def set_or_string(rng: random.Random, label: int, hard: bool = True) -> Example:
+    return _set_or_string(rng, label, pick(rng, NAMES), distractor=hard and rng.random() < 0.5)
 
 
 @register("set_or_string_fixedvarname",
-          "like set_or_string with the variable always named x and no distractor variable")
-def set_or_string_fixedvarname(rng: random.Random, label: int) -> Example:
+          "like set_or_string with the variable always named x and no distractor variable",
+          hard_adds="nothing: the two levels draw from the same generator (no distractors to remove)")
+def set_or_string_fixedvarname(rng: random.Random, label: int, hard: bool = True) -> Example:
     return _set_or_string(rng, label, "x", distractor=False)
 
 
 @register("var_swap",
           "complete a swap `a, b = b, a`: after `a, b = b,` the first name of the left side; "
-          "the classes differ in which of the two earlier-defined names is listed first")
-def var_swap(rng: random.Random, label: int) -> Example:
+          "the classes differ in which of the two earlier-defined names is listed first",
+          hard_adds="nothing: the two levels draw from the same generator (no distractors to remove)")
+def var_swap(rng: random.Random, label: int, hard: bool = True) -> Example:
     a, b = pick_distinct(rng, TOKEN_NAMES, 2)
     lines = [f"{a} = {scalar_literal(rng)}", f"{b} = {scalar_literal(rng)}"]
     lines += [filler_statement(rng, avoid=[a, b]) for _ in range(rng.randint(0, 1))]
@@ -82,13 +85,14 @@ def _none_check(rng: random.Random, name: str) -> str:
 
 @register("var_if",
           "after `if p is None:` (or `if not p:`) in a function with two optional parameters, "
-          "the body's first token is the tested parameter, not the other one")
-def var_if(rng: random.Random, label: int) -> Example:
+          "the body's first token is the tested parameter, not the other one",
+          hard_adds="half the prompts first test and assign the other parameter")
+def var_if(rng: random.Random, label: int, hard: bool = True) -> Example:
     a, b = pick_distinct(rng, TOKEN_NAMES, 2)
     required = pick(rng, NAMES, exclude=[a, b])
     tested, other = (a, b) if label == 0 else (b, a)
     lines = [def_header(rng, [required, f"{a}=None", f"{b}=None"])]
-    if rng.random() < 0.5:  # the other parameter was handled first
+    if hard and rng.random() < 0.5:  # the other parameter was handled first
         lines += [indent(1) + _none_check(rng, other), indent(2) + f"{other} = {scalar_literal(rng)}"]
     lines.append(indent(1) + _none_check(rng, tested))
     prompt = join_lines(lines) + target_indent(2)
@@ -109,10 +113,11 @@ def _assignable(rng: random.Random) -> str:
 
 @register("if_equals",
           "after a name, ' ==' when it is being tested (if/while/assert) vs ' =' when a statement "
-          "starts with it (an assignment, possibly inside an if block)")
-def if_equals(rng: random.Random, label: int) -> Example:
+          "starts with it (an assignment)",
+          hard_adds="half the prompts sit inside an `if name:` block, so an assignment follows an if")
+def if_equals(rng: random.Random, label: int, hard: bool = True) -> Example:
     lhs, value = _assignable(rng), scalar_literal(rng)
-    level = rng.choice([1, 2])
+    level = rng.choice([1, 2]) if hard else 1
     lines = [def_header(rng, ["self", rng.choice(NAMES)])]
     lines += [indent(1) + filler_statement(rng) for _ in range(rng.randint(0, 2))]
     if level == 2:
@@ -130,8 +135,9 @@ def if_equals(rng: random.Random, label: int) -> Example:
 @register("final_kwarg",
           "calling a function whose parameters (no defaults) are passed by keyword in order: "
           "after a keyword argument, ) if it was the last parameter, else ','",
-          max_prompt_tokens=72)
-def final_kwarg(rng: random.Random, label: int) -> Example:
+          max_prompt_tokens=72,
+          hard_adds="nothing: the two levels draw from the same generator (no distractors to remove)")
+def final_kwarg(rng: random.Random, label: int, hard: bool = True) -> Example:
     func = rng.choice(FUNC_NAMES)
     params = pick_distinct(rng, NAMES, rng.randint(2, 4))
     signature = (["*"] if rng.random() < 0.3 else []) + params

@@ -1,0 +1,119 @@
+"""The circuit-size search: the smallest prefix of the tau order that meets the target, exactly."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_circuit import hand_built_model, hand_task  # the hand-built model whose circuit is known
+
+from sparse_lens.hooks import NodeRegistry, compute_node_means, masked_nodes
+from sparse_lens.pruning import (
+    PruneConfig, _prefix_losses, _search, final_logit_pairs, pair_loss, prune, smallest_passing_prefix,
+)
+
+N_EXAMPLES = 10
+
+
+def curve_losses(curve: dict[int, float]):
+    """`example_losses` for a made-up curve: every example of prefix n has loss curve[n]; counts
+    how many (prefix, example) losses were asked for."""
+    asked = []
+
+    def example_losses(ns, rows):
+        width = len(range(N_EXAMPLES)[rows])
+        asked.append(len(ns) * width)
+        return torch.tensor([[curve[n]] * width for n in ns])
+
+    return example_losses, asked
+
+
+def bisect(curve: dict[int, float], n_max: int, target: float) -> int:
+    """The bisection the search replaced (assumes the loss falls as n grows)."""
+    lo, hi = 0, n_max
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if curve[mid] <= target else (mid, hi)
+    return hi
+
+
+def test_finds_the_smallest_passing_prefix_where_a_bisection_overshoots():
+    """Passes at 3, fails from 4 to 9 (adding a node can hurt), passes from 10: the bisection
+    lands on the later crossing, 10; the smallest circuit has 3 nodes."""
+    curve = {n: 0.1 if n == 3 or n >= 10 else 0.9 for n in range(17)}
+    assert bisect(curve, 16, 0.15) == 10
+    losses, _ = curve_losses(curve)
+    assert smallest_passing_prefix(losses, 16, N_EXAMPLES, 0.15, batch_size=4) == 3
+
+
+def test_exact_at_the_boundary_and_none_when_nothing_passes():
+    losses, _ = curve_losses({n: 0.125 if n >= 5 else 0.12501 for n in range(9)})  # 0.125 is exact in binary
+    assert smallest_passing_prefix(losses, 8, N_EXAMPLES, 0.125) == 5
+    losses, _ = curve_losses({n: 0.2 for n in range(9)})
+    assert smallest_passing_prefix(losses, 8, N_EXAMPLES, 0.15) is None
+    losses, _ = curve_losses({n: 0.0 for n in range(9)})
+    assert smallest_passing_prefix(losses, 8, N_EXAMPLES, 0.15, start=2) == 2
+
+
+def test_clearly_failing_prefixes_cost_one_batch():
+    """Prefixes with loss 0.7 are dropped after the first batch of 4 of the 10 examples."""
+    curve = {n: 0.0 if n == 40 else 0.7 for n in range(41)}
+    losses, asked = curve_losses(curve)
+    assert smallest_passing_prefix(losses, 40, N_EXAMPLES, 0.15, batch_size=4) == 40
+    full_cost = 41 * N_EXAMPLES
+    assert sum(asked) < 0.5 * full_cost
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hand_built_model()
+
+
+@pytest.fixture(scope="module")
+def means(model):
+    stream = torch.randint(1, 8, (4096,), generator=torch.Generator().manual_seed(1))
+    return compute_node_means(model, NodeRegistry.for_model(model), stream, n_tokens=2048,
+                              batch_size=8, seq_len=16)
+
+
+def test_row_masks_give_each_candidate_its_own_circuit(model, means):
+    """The batched evaluation (one row mask per candidate) equals evaluating each prefix alone."""
+    registry, data = NodeRegistry.for_model(model), hand_task(n=12)
+    order = torch.randperm(registry.n_nodes, generator=torch.Generator().manual_seed(0))
+    ns = [0, 3, 40, registry.n_nodes // 2, registry.n_nodes]
+    with torch.no_grad(), masked_nodes(model, registry, torch.ones(registry.n_nodes), means) as masker:
+        batched = _prefix_losses(model, masker, data, order, registry)(ns, slice(0, len(data)))
+        for row, n in enumerate(ns):
+            mask = torch.zeros(registry.n_nodes)
+            mask[order[:n]] = 1.0
+            pairs = final_logit_pairs(model, data, masker, mask)
+            alone = F.softplus(pairs[:, 1] - pairs[:, 0])
+            by_length = torch.argsort(data.last_pos, stable=True)
+            assert torch.allclose(batched[row], alone[by_length], atol=1e-5)
+
+
+def test_search_returns_a_prefix_no_smaller_one_beats(model, means):
+    """On the hand-built model with a shuffled order (the planted nodes spread out), every
+    prefix shorter than the answer misses the target and the answer meets it."""
+    registry, data = NodeRegistry.for_model(model), hand_task(n=16)
+    order = torch.randperm(registry.n_nodes, generator=torch.Generator().manual_seed(2))
+    config = PruneConfig(target_loss=0.3, progress=False)
+    with masked_nodes(model, registry, torch.ones(registry.n_nodes), means) as masker:
+        n, _ = _search(model, masker, data, order, registry, config)
+        losses = []
+        for m in range(n + 1):
+            mask = torch.zeros(registry.n_nodes)
+            mask[order[:m]] = 1.0
+            losses.append(pair_loss(final_logit_pairs(model, data, masker, mask)))
+    assert 0 < n < registry.n_nodes
+    assert losses[n] <= 0.3 and all(loss > 0.3 for loss in losses[:n])
+
+
+def test_prune_rejects_an_unknown_level_or_source():
+    with pytest.raises(ValueError, match="level"):
+        PruneConfig(level="easy")
+    with pytest.raises(ValueError, match="source"):
+        PruneConfig(source="github")
+
+
+def test_prune_still_finds_the_planted_circuit(model, means):
+    circuit = prune(model, hand_task(), means=means, steps=150, batch_size=32, lr=0.02, progress=False)
+    assert len(circuit.node_ids) == 3 and circuit.solved
