@@ -103,14 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run an analysis of sparse_lens.analyses: circuit-size (sparse vs "
                        "dense), kurtosis, frontier, dilution, or all. Trains the models it needs into "
                        "--models-dir (reused across analyses) and writes <out>/<name>/.")
-    a.add_argument("name", choices=["circuit-size", "kurtosis", "frontier", "dilution", "all"])
+    a.add_argument("name", choices=["circuit-size", "kurtosis", "frontier", "dilution", "learning-curves",
+                                    "all"])
     a.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results)")
     a.add_argument("--models-dir", type=Path, default=Path("runs/analyses"),
                    help="where the analyses' models are trained and reused (default runs/analyses)")
     a.add_argument("--quick", action="store_true", help="tiny models, minutes (what the tests run)")
     a.add_argument("--target-loss", type=float, default=None,
                    help="task loss a circuit must reach (default 0.15, the paper's)")
-    a.add_argument("--tasks", nargs="+", default=None, help="tasks to prune (circuit-size, frontier)")
+    a.add_argument("--tasks", nargs="+", default=None,
+                   help="tasks to prune or evaluate (circuit-size, frontier, learning-curves)")
+    a.add_argument("--runs", nargs="+", type=Path, default=None,
+                   help="learning-curves: run directories trained with --snapshot-every")
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=cmd_analyze)
     from sparse_lens.bridges.cli import add_bridges_parser  # argparse only: --help stays fast
@@ -245,13 +249,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     for task in args.tasks or ():
         get_spec(task)
-    names = list(analyses.ANALYSES) if args.name == "all" else [args.name]
+    names = [n for n in analyses.ANALYSES if n != "learning-curves" or args.runs or args.quick] \
+        if args.name == "all" else [args.name]
     for name in names:
         options: dict = dict(progress=not args.no_progress)
-        if args.target_loss is not None and name != "kurtosis":
+        if args.target_loss is not None and name not in ("kurtosis", "learning-curves"):
             options["target_loss"] = args.target_loss
-        if args.tasks and name in ("circuit-size", "frontier"):
+        if args.tasks and name in ("circuit-size", "frontier", "learning-curves"):
             options["tasks"] = args.tasks
+        if name == "learning-curves":
+            options["runs"] = args.runs
         folder = analyses.run(name, args.out, args.models_dir, quick=args.quick, **options)
         print(f"{name}: {folder}")
         summary = (folder / "summary.md").read_text()

@@ -182,3 +182,24 @@ def test_geometric_mean_and_markdown_table():
     # edge counts in a column with NaNs (floats) keep every digit
     md = table_markdown(pd.DataFrame(dict(edges=[27248.0, float("nan"), 1182.0], loss=[0.61443, 12345.6, 2.0])))
     assert md.splitlines()[2:] == ["| 27,248 | 0.6144 |", "|  | 1.235e+04 |", "| 1182 | 2 |"]
+
+
+def test_learning_curves_evaluate_every_snapshot(tmp_path):
+    """A tiny run with two snapshots: one row per (snapshot, task, level), tokens as steps x 4 x 32,
+    the loss of the last snapshot's core quote task the same as evaluating that model directly."""
+    from sparse_lens.model import SparseHookedTransformer
+    from sparse_lens.tasks import evaluate_levels
+
+    folder = analyses.run("learning-curves", tmp_path / "out", tmp_path / "models", quick=True)
+    table = pd.read_csv(folder / "learning_curves.csv")
+    assert sorted(set(table.step)) == [10, 20]
+    assert set(table.tokens) == {10 * 4 * 32, 20 * 4 * 32}
+    assert set(table.level) == {"core", "hard", "corpus"}
+    snapshot = SparseHookedTransformer.from_pretrained(
+        tmp_path / "models" / "tiny-snapshots" / "snapshots" / "step-000020")
+    direct = evaluate_levels(snapshot, ["single_double_quote"], levels=("core",), n=16, bigram=False)
+    row = table[(table.step == 20) & (table.task == "single_double_quote") & (table.level == "core")]
+    assert row.loss.iloc[0] == pytest.approx(direct.loss.iloc[0], abs=1e-6)
+    assert (folder / "learning_curves.png").stat().st_size > 0
+    per = pd.read_csv(folder / "per_snapshot.csv")
+    assert per.solved.le(per.tasks).all()

@@ -5,6 +5,7 @@
     sparse-lens analyze kurtosis --out results              # residual kurtosis vs L0 and width
     sparse-lens analyze frontier --out results              # loss vs circuit size, the frontier
     sparse-lens analyze dilution --out results              # bracket_counting context dilution
+    sparse-lens analyze learning-curves --runs RUN ...      # task loss of each training snapshot
     sparse-lens analyze all --quick --out /tmp/r            # minutes, tiny models (the tests)
 
 or `sparse_lens.analyses.run("kurtosis", out_dir, models_dir, quick=True)`. Trained models are
@@ -22,6 +23,7 @@ ANALYSES: dict[str, str] = {
     "kurtosis": "sparse_lens.analyses.kurtosis",
     "frontier": "sparse_lens.analyses.frontier",
     "dilution": "sparse_lens.analyses.dilution",
+    "learning-curves": "sparse_lens.analyses.learning_curves",
 }
 
 
