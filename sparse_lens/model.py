@@ -207,6 +207,40 @@ class SparseHookedTransformer(HookedTransformer):
         assert self.bigram is not None
         return self.bigram[tokens]
 
+    # ------------------------------------------------------------- caches and TL flags
+    def run_with_cache(self, *model_args, return_cache_object=True, remove_batch_dim=False,
+                       **kwargs):
+        """`HookedTransformer.run_with_cache`; the cache object is a `SparseActivationCache`,
+        whose attributions add up exactly (see `sparse_lens.attribution`)."""
+        from sparse_lens.attribution import SparseActivationCache
+
+        out, cache = super().run_with_cache(*model_args, return_cache_object=False,
+                                            remove_batch_dim=remove_batch_dim, **kwargs)
+        if not return_cache_object:
+            return out, cache
+        return out, SparseActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Refused: blocks read through `hook_attn_read` (see `_refuse_flag`)."""
+        self._refuse_flag("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Refused: blocks read through `hook_attn_read` (see `_refuse_flag`)."""
+        self._refuse_flag("use_attn_in", use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Refused: blocks read through `hook_mlp_read` (see `_refuse_flag`)."""
+        self._refuse_flag("use_hook_mlp_in", use_hook_mlp_in)
+
+    def _refuse_flag(self, flag: str, value: bool) -> None:
+        """Setting `flag` to True raises (and changes nothing): the blocks read once, through
+        `blocks.{L}.hook_attn_read` / `hook_mlp_read`, which serve the same purpose."""
+        if value:
+            raise NotImplementedError(
+                f"SparseHookedTransformer does not support {flag}: attention and the MLP read "
+                "through blocks.{L}.hook_attn_read / blocks.{L}.hook_mlp_read; hook those instead")
+        setattr(self.cfg, flag, False)
+
     # ------------------------------------------------------------------ weight sparsity
     def sparsified_matrices(self) -> list[SparsifiedMatrix]:
         """Every matrix the projection acts on (biases, norms, sinks, W_pos, bigram stay dense)."""
