@@ -293,10 +293,23 @@ class SparseHookedTransformer(HookedTransformer):
     def from_pretrained(  # type: ignore[override]
         cls, path: str | Path, device: str | torch.device | None = None
     ) -> SparseHookedTransformer:
-        """Load a directory written by `save_pretrained` (or by `sparse-lens train`). Nothing is
+        """Load a directory written by `save_pretrained` (or by `sparse-lens train`), or a
+        checkpoint shipped in the package by name (`from_pretrained("small")`, see
+        `sparse_lens.pretrained.available()`; an existing directory of that name wins). Nothing is
         unpickled: weights from safetensors, config from JSON, tokenizer from its files. Unlike
         `HookedTransformer.from_pretrained`, no weight processing (folding, centring) is done,
-        which would destroy exact sparsity."""
+        which would destroy exact sparsity. A directory without tokenizer files loads with a
+        warning (the model then takes token ids only); a weights SHA-256 recorded in the
+        directory's `provenance.json` is checked."""
+        from sparse_lens import pretrained
+
+        where = Path(path)
+        if not where.exists() and not where.with_name(f"{where.name}.old").is_dir():
+            if isinstance(path, str) and path in pretrained.available():
+                return pretrained.load(path, device=device)
+            raise checkpoint.CheckpointError(
+                f"no model directory at {where}, and no shipped checkpoint named {str(path)!r}; "
+                f"shipped: {pretrained.available()}")
         return checkpoint.load_model(cls, path, device=device)
 
     @classmethod

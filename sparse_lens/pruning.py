@@ -18,6 +18,7 @@ the final position (`tasks.task_loss`); the 0.15 target applies to that mean.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -53,8 +54,9 @@ class PruneConfig:
         for name in ("steps", "batch_size", "n_train", "n_eval", "mean_tokens"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"PruneConfig.{name} must be an integer >= 1; got {getattr(self, name)!r}")
-        if not self.target_loss > 0:
-            raise ValueError(f"PruneConfig.target_loss must be > 0; got {self.target_loss!r}")
+        if not (self.target_loss > 0 and math.isfinite(self.target_loss)):
+            # inf would make every circuit "solve" the task, down to no node at all
+            raise ValueError(f"PruneConfig.target_loss must be finite and > 0; got {self.target_loss!r}")
         if not (self.k_coef >= 0 and self.lr > 0 and self.grad_clip > 0):
             raise ValueError("PruneConfig.k_coef must be >= 0, lr and grad_clip > 0")
         if not -1.0 <= self.init_tau <= 1.0:
