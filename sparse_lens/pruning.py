@@ -168,16 +168,18 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
     config = dataclasses.replace(config or PruneConfig(), **overrides)
     start = time.perf_counter()
     registry = NodeRegistry.for_model(model)
-    if means is None:
-        means = node_means_for(model, model_dir, n_tokens=config.mean_tokens)
-    device = model.cfg.device
+    device, n_ctx = model.cfg.device, model.cfg.n_ctx
     if isinstance(task, str):
         name, custom = task, None
-        train_data = tasks.get_task(name, model.tokenizer, n=config.n_train, seed=config.seed).to(device)
-        eval_data = tasks.get_task(name, model.tokenizer, n=config.n_eval, seed=config.seed + 1).to(device)
+        train_data = tasks.get_task(name, model.tokenizer, n=config.n_train, seed=config.seed,
+                                    n_ctx=n_ctx).to(device)
+        eval_data = tasks.get_task(name, model.tokenizer, n=config.n_eval, seed=config.seed + 1,
+                                   n_ctx=n_ctx).to(device)
     else:  # a hand-made TaskData: optimise and bisect on it
-        name, custom = task.name, task.to(device)
+        name, custom = task.name, task.check_fits(n_ctx).to(device)
         train_data = eval_data = custom
+    if means is None:  # after the task data, whose errors come first
+        means = node_means_for(model, model_dir, n_tokens=config.mean_tokens)
 
     was_training = model.training
     model.eval()

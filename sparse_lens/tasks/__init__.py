@@ -46,17 +46,19 @@ def _default_tokenizer() -> PreTrainedTokenizerBase:
 
 
 def get_task(name: str, tokenizer: PreTrainedTokenizerBase | None = None, n: int = 256,
-             seed: int = 0, split: str = "train") -> TaskData:
+             seed: int = 0, split: str = "train", n_ctx: int | None = None) -> TaskData:
     """`n` examples of the task `name` (see `list_tasks()`) from `split` ("train" or "test"),
     tokenized with `tokenizer` (default: the shipped tokenizer, `load_tokenizer()`).
 
     Deterministic in (name, seed, split), and a smaller `n` gives a prefix of a larger one's
     examples. Classes alternate 0, 1, 0, ... (so even-sized slices are balanced). Train and
     test prompts never overlap. Raises ValueError for an unknown name (listing the known
-    ones), a non-positive `n` or an unknown split."""
+    ones), a non-positive `n` or an unknown split, and (with a model's context `n_ctx`) when a
+    prompt is longer than `n_ctx` tokens."""
     spec = get_spec(name)
     validate_request(n, split)
     if tokenizer is None:
         tokenizer = _default_tokenizer()
     examples = generate_examples(name, n=n, seed=seed, split=split, tokenizer=tokenizer)
-    return TaskData.from_examples(spec, examples, tokenizer)
+    data = TaskData.from_examples(spec, examples, tokenizer)
+    return data if n_ctx is None else data.check_fits(n_ctx)
