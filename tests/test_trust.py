@@ -276,3 +276,32 @@ def test_cached_means_of_another_corpus_are_recomputed(model_dir, tmp_path, monk
     other = torch.randint(1, 2048, (4096,), generator=torch.Generator().manual_seed(5))
     with pytest.warns(UserWarning, match="another corpus"):
         node_means_for(model, path, tokens=other, n_tokens=256)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium to render headless")
+def test_in_a_browser_later_views_reuse_the_bundle_and_early_ones_wait_for_it(tmp_path, monkeypatch):
+    """A page laid out as a notebook's outputs: a view shown before the bundle arrived (its
+    first output cleared), then the first view (with the bundle), then a later one (without)."""
+    import re
+
+    from sparse_lens.viz import view as view_module
+    from sparse_lens.viz.circuitsvis_inline import attention_heads
+
+    monkeypatch.setattr(view_module, "NOTEBOOK_BUNDLE", view_module.NotebookBundle())
+    views = [view_module.View(f"v{i}", attention_heads([[[1.0, 0.0], [0.5, 0.5]]], ["a", "b"]),
+                              uses_circuitsvis=True) for i in range(3)]
+    waiting = views[0].html(standalone=False)
+    first, later = views[1]._repr_html_(), views[2]._repr_html_()
+    assert "data-sparse-lens-bundle" in first and "data-sparse-lens-bundle" not in later
+    path = tmp_path / "notebook.html"
+    path.write_text(view_module.page("outputs", "\n".join([waiting, first, later])), encoding="utf-8")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+             "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=10000", "--dump-dom", path.resolve().as_uri()]
+    dom = subprocess.run(["/usr/bin/chromium", *flags], capture_output=True, text=True, timeout=180).stdout
+    rendered = re.sub(r"<script[\s\S]*?</script>", "", dom)
+    assert "not loaded on this page" not in rendered
+    mounted = re.findall(r'<div id="sparse-lens-cv-\w+"[^>]*>([\s\S]*?)</div>\s*(?:<div class="sl-view"|</div>)',
+                         rendered)
+    assert len(re.findall(r'class="sl-cv"', rendered)) == 3
+    assert not re.search(r'<div id="sparse-lens-cv-\w+"[^>]*>\s*</div>', rendered), mounted
