@@ -91,6 +91,7 @@ def load_model(
     tensors = load_tensors(path / WEIGHTS_FILE)
     check_recorded_digest(path, tensors)
     load_parameters(model, tensors, source=path / WEIGHTS_FILE)
+    model.loaded_from = path  # where its training corpus is recorded (hooks.node_means_for)
     return model
 
 

@@ -100,6 +100,9 @@ class SparseHookedTransformer(HookedTransformer):
         else:
             self.bigram = None
         self._generation_tokens: list[torch.Tensor] | None = None
+        #: the model directory `from_pretrained` read (None if built in memory): where the
+        #: model's training corpus is recorded, for its node means (`hooks.node_means_for`)
+        self.loaded_from: Path | None = None
         if cfg.init_weights:
             self.init_weights()
         if move_to_device:

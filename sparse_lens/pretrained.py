@@ -184,6 +184,7 @@ def load(name: str = "small", device: str | torch.device | None = None,
                                          f"{PROVENANCE_FILE} records (sha256 {expected[:12]}...)")
     model = SparseHookedTransformer(cfg, tokenizer=load_tokenizer())
     checkpoint.load_parameters(model, tensors, source=d / WEIGHTS_FILE)
+    model.loaded_from = d  # its provenance records the corpus (hooks.node_means_for)
     return model
 
 

@@ -305,3 +305,18 @@ def test_in_a_browser_later_views_reuse_the_bundle_and_early_ones_wait_for_it(tm
                          rendered)
     assert len(re.findall(r'class="sl-cv"', rendered)) == 3
     assert not re.search(r'<div id="sparse-lens-cv-\w+"[^>]*>\s*</div>', rendered), mounted
+
+
+def test_a_loaded_model_takes_its_means_from_the_corpus_its_directory_records(model_dir, tmp_path, monkeypatch):
+    from sparse_lens.data import load_corpus
+
+    monkeypatch.setenv("SPARSE_LENS_CACHE", str(tmp_path / "cache"))
+    path, model, _ = model_dir
+    corpus = write_corpus(tmp_path / "corpus", seed=3)
+    record_corpus(path, [corpus], "training")
+    loaded = SparseHookedTransformer.from_pretrained(path)
+    assert loaded.loaded_from == path
+    means = node_means_for(loaded, n_tokens=256)  # no directory given: nothing cached anywhere
+    stream = load_corpus([corpus], model.tokenizer, val_fraction=0.25, cache_dir=False).train
+    torch.testing.assert_close(means, compute_node_means(loaded, NodeRegistry.for_model(loaded), stream,
+                                                         n_tokens=256), rtol=0, atol=0)
