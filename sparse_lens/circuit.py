@@ -121,7 +121,7 @@ class Circuit:
                         n_ctx=self.model.cfg.n_ctx).to(self.model.cfg.device)
 
     # ------------------------------------------------------------------ running
-    def run(self, tokens: Int[torch.Tensor, "batch pos"] | str, **forward_kwargs):
+    def run(self, tokens: Int[torch.Tensor, "batch pos"] | str | list[str], **forward_kwargs):
         """The model's output with every node outside the circuit replaced by its mean (and the
         calibration, if pruning fitted one, applied to the logits). Text is tokenized without
         truncation: an input longer than the model's `n_ctx` is a ValueError, never cut."""

@@ -143,6 +143,7 @@ def node_means_for(model, model_dir: str | Path | None = None, tokens=None, n_to
     neither `tokens` nor a recorded corpus says which stream is wanted, a cached file is used
     as it is."""
     registry = NodeRegistry.for_model(model)
+    given = tokens is not None
     corpus_dir = model_dir if model_dir is not None else getattr(model, "loaded_from", None)
     found = recorded_corpus(corpus_dir) if corpus_dir is not None and tokens is None else None
     spec, record = found if found is not None else (None, None)
@@ -163,6 +164,7 @@ def node_means_for(model, model_dir: str | Path | None = None, tokens=None, n_to
         tokens = _training_stream(model, spec, record)
     means = compute_node_means(model, registry, tokens, n_tokens=n_tokens)
     if model_dir is not None:
-        corpus = json.dumps(spec) if spec is not None else "tokens given to node_means_for"
+        corpus = ("tokens given to node_means_for" if given else json.dumps(spec) if spec is not None
+                  else "the standard library (no corpus recorded)")
         save_node_means(means, model_dir, n_tokens, tokens=tokens, corpus=corpus)
     return means
