@@ -29,12 +29,12 @@ _EXPORTS = {
     "list_tasks": "sparse_lens.tasks",
     "get_task": "sparse_lens.tasks",
 }
-_SUBPACKAGES = ("tasks", "hooks")
+_SUBPACKAGES = ("tasks", "hooks", "viz", "bridges", "analyses")
 
 __all__ = [*_EXPORTS, *_SUBPACKAGES, "__version__"]
 
 if TYPE_CHECKING:
-    from sparse_lens import hooks, tasks
+    from sparse_lens import analyses, bridges, hooks, tasks, viz
     from sparse_lens.checkpoint import CheckpointError
     from sparse_lens.circuit import Circuit
     from sparse_lens.pruning import PruneConfig, prune

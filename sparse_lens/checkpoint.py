@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,9 +88,31 @@ def load_model(
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"invalid config in {path / CONFIG_FILE}: {err}") from err
     tokenizer = load_tokenizer(path / TOKENIZER_DIR) if (path / TOKENIZER_DIR).is_dir() else None
+    if tokenizer is None:
+        warnings.warn(f"{path} has no tokenizer files ({TOKENIZER_DIR}/): the model takes token ids "
+                      "only (string inputs fail); give it one with model.set_tokenizer("
+                      "sparse_lens.load_tokenizer())", UserWarning, stacklevel=3)
     model = cls(cfg, tokenizer=tokenizer)
-    load_parameters(model, load_tensors(path / WEIGHTS_FILE), source=path / WEIGHTS_FILE)
+    tensors = load_tensors(path / WEIGHTS_FILE)
+    check_recorded_digest(path, tensors)
+    load_parameters(model, tensors, source=path / WEIGHTS_FILE)
+    model.loaded_from = path  # where its training corpus is recorded (hooks.node_means_for)
     return model
+
+
+def check_recorded_digest(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """If the model directory `path` has a `provenance.json` recording `weights_sha256`, the
+    weights must hash to it (`pretrained.weights_digest`); CheckpointError otherwise."""
+    from sparse_lens.pretrained import PROVENANCE_FILE, weights_digest
+
+    record_file = path / PROVENANCE_FILE
+    if not record_file.is_file():
+        return
+    expected = read_json(record_file).get("weights_sha256")
+    if expected is not None and weights_digest(tensors) != expected:
+        raise CheckpointError(f"{path / WEIGHTS_FILE} is not the model its {record_file} records "
+                              f"(weights sha256 {expected[:12]}...): the weights changed after the "
+                              "record was written")
 
 
 @torch.no_grad()

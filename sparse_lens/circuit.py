@@ -116,14 +116,20 @@ class Circuit:
         from sparse_lens.tasks import get_task
 
         if self.data is not None:
-            return self.data.to(self.model.cfg.device)
-        return get_task(self.task, self.model.tokenizer, n=n, seed=seed, split=split).to(
-            self.model.cfg.device)
+            return self.data.check_fits(self.model.cfg.n_ctx).to(self.model.cfg.device)
+        return get_task(self.task, self.model.tokenizer, n=n, seed=seed, split=split,
+                        n_ctx=self.model.cfg.n_ctx).to(self.model.cfg.device)
 
     # ------------------------------------------------------------------ running
-    def run(self, tokens: Int[torch.Tensor, "batch pos"] | str, **forward_kwargs):
+    def run(self, tokens: Int[torch.Tensor, "batch pos"] | str | list[str], **forward_kwargs):
         """The model's output with every node outside the circuit replaced by its mean (and the
-        calibration, if pruning fitted one, applied to the logits)."""
+        calibration, if pruning fitted one, applied to the logits). Text is tokenized without
+        truncation: an input longer than the model's `n_ctx` is a ValueError, never cut."""
+        if isinstance(tokens, (str, list)):
+            tokens = self.model.to_tokens(tokens, truncate=False)
+        if tokens.shape[-1] > self.model.cfg.n_ctx:
+            raise ValueError(f"Circuit.run (task {self.task!r}): the input has {tokens.shape[-1]} "
+                             f"tokens, more than the model's context n_ctx={self.model.cfg.n_ctx}")
         with masked_nodes(self.model, self.registry, self.mask, self.means):
             out = self.model(tokens, **forward_kwargs)
         if self.calibration is not None and isinstance(out, torch.Tensor) and out.ndim == 3:
@@ -255,21 +261,35 @@ class Circuit:
             raise FileNotFoundError(f"no saved circuit at {path} ({err.filename} missing)") from err
         except Exception as err:  # JSON or safetensors parse errors
             raise ValueError(f"{path} is not a readable circuit: {err}") from err
-        if doc.get("format") != "sparse_lens.circuit":
+        if not isinstance(doc, dict) or doc.get("format") != "sparse_lens.circuit":
             raise ValueError(f"{path / CIRCUIT_FILE} is not a sparse_lens circuit file")
-        if doc["model_fingerprint"] != model_fingerprint(model):
+        field = _field_reader(doc, path / CIRCUIT_FILE)
+        if field("model_fingerprint") != model_fingerprint(model):
             raise ValueError(
-                f"the circuit at {path} was pruned from a different model ({doc['model_name']}, "
+                f"the circuit at {path} was pruned from a different model ({doc.get('model_name')}, "
                 f"fingerprint {doc['model_fingerprint'][:12]}); this model "
                 f"({model.cfg.model_name}) has other weights or another config")
-        cal = doc.get("calibration")
-        calibration = (Calibration(scale=cal["scale"], bias={int(k): v for k, v in cal["bias"].items()})
-                       if cal else None)
-        config = PruneConfig(**doc["config"]) if doc.get("config") else None
-        circuit = cls(model, doc["task"], doc["node_ids"], tensors.get("tau"), tensors["means"],
-                      config, doc["losses"], calibration, doc["solved"],
-                      [tuple(p) for p in doc.get("bisection", [])], doc.get("seconds", 0.0), data)
-        return circuit
+        task, node_ids, losses, solved = (field(k) for k in ("task", "node_ids", "losses", "solved"))
+        means = _field_reader(tensors, path / TENSORS_FILE)("means")
+        try:
+            cal = doc.get("calibration")
+            calibration = (Calibration(scale=cal["scale"], bias={int(k): v for k, v in cal["bias"].items()})
+                           if cal else None)
+            config = PruneConfig(**doc["config"]) if doc.get("config") else None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{path / CIRCUIT_FILE}: invalid calibration or config: "
+                             f"{type(err).__name__}: {err}") from err
+        return cls(model, task, node_ids, tensors.get("tau"), means, config, losses, calibration,
+                   solved, [tuple(p) for p in doc.get("bisection", [])], doc.get("seconds", 0.0), data)
+
+
+def _field_reader(doc: dict, source: Path):
+    """`field(key)`: `doc[key]`, or ValueError naming `source` and the missing field."""
+    def field(key: str):
+        if key not in doc:
+            raise ValueError(f"{source} has no field {key!r}: not a complete saved circuit")
+        return doc[key]
+    return field
 
 
 # ---------------------------------------------------------------------- edges from weights

@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError; FileNotFoundError an OSError
         print(f"sparse-lens {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -51,7 +51,7 @@ def run_demo(
     model = get_model(out_dir, preset, steps, progress=progress, retrain=retrain)
     model.eval()
 
-    print("[2/4] node means over the standard library (cached next to the model)")
+    print("[2/4] node means over the model's training corpus (cached next to the model)")
     config = PruneConfig(target_loss=target_loss, progress=progress)
     means = node_means_for(model, out_dir, n_tokens=config.mean_tokens)
 

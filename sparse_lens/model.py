@@ -100,6 +100,9 @@ class SparseHookedTransformer(HookedTransformer):
         else:
             self.bigram = None
         self._generation_tokens: list[torch.Tensor] | None = None
+        #: the model directory `from_pretrained` read (None if built in memory): where the
+        #: model's training corpus is recorded, for its node means (`hooks.node_means_for`)
+        self.loaded_from: Path | None = None
         if cfg.init_weights:
             self.init_weights()
         if move_to_device:
@@ -207,6 +210,40 @@ class SparseHookedTransformer(HookedTransformer):
         assert self.bigram is not None
         return self.bigram[tokens]
 
+    # ------------------------------------------------------------- caches and TL flags
+    def run_with_cache(self, *model_args, return_cache_object=True, remove_batch_dim=False,
+                       **kwargs):
+        """`HookedTransformer.run_with_cache`; the cache object is a `SparseActivationCache`,
+        whose attributions add up exactly (see `sparse_lens.attribution`)."""
+        from sparse_lens.attribution import SparseActivationCache
+
+        out, cache = super().run_with_cache(*model_args, return_cache_object=False,
+                                            remove_batch_dim=remove_batch_dim, **kwargs)
+        if not return_cache_object:
+            return out, cache
+        return out, SparseActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Refused: blocks read through `hook_attn_read` (see `_refuse_flag`)."""
+        self._refuse_flag("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Refused: blocks read through `hook_attn_read` (see `_refuse_flag`)."""
+        self._refuse_flag("use_attn_in", use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Refused: blocks read through `hook_mlp_read` (see `_refuse_flag`)."""
+        self._refuse_flag("use_hook_mlp_in", use_hook_mlp_in)
+
+    def _refuse_flag(self, flag: str, value: bool) -> None:
+        """Setting `flag` to True raises (and changes nothing): the blocks read once, through
+        `blocks.{L}.hook_attn_read` / `hook_mlp_read`, which serve the same purpose."""
+        if value:
+            raise NotImplementedError(
+                f"SparseHookedTransformer does not support {flag}: attention and the MLP read "
+                "through blocks.{L}.hook_attn_read / blocks.{L}.hook_mlp_read; hook those instead")
+        setattr(self.cfg, flag, False)
+
     # ------------------------------------------------------------------ weight sparsity
     def sparsified_matrices(self) -> list[SparsifiedMatrix]:
         """Every matrix the projection acts on (biases, norms, sinks, W_pos, bigram stay dense)."""
@@ -259,10 +296,23 @@ class SparseHookedTransformer(HookedTransformer):
     def from_pretrained(  # type: ignore[override]
         cls, path: str | Path, device: str | torch.device | None = None
     ) -> SparseHookedTransformer:
-        """Load a directory written by `save_pretrained` (or by `sparse-lens train`). Nothing is
+        """Load a directory written by `save_pretrained` (or by `sparse-lens train`), or a
+        checkpoint shipped in the package by name (`from_pretrained("small")`, see
+        `sparse_lens.pretrained.available()`; an existing directory of that name wins). Nothing is
         unpickled: weights from safetensors, config from JSON, tokenizer from its files. Unlike
         `HookedTransformer.from_pretrained`, no weight processing (folding, centring) is done,
-        which would destroy exact sparsity."""
+        which would destroy exact sparsity. A directory without tokenizer files loads with a
+        warning (the model then takes token ids only); a weights SHA-256 recorded in the
+        directory's `provenance.json` is checked."""
+        from sparse_lens import pretrained
+
+        where = Path(path)
+        if not where.exists() and not where.with_name(f"{where.name}.old").is_dir():
+            if isinstance(path, str) and path in pretrained.available():
+                return pretrained.load(path, device=device)
+            raise checkpoint.CheckpointError(
+                f"no model directory at {where}, and no shipped checkpoint named {str(path)!r}; "
+                f"shipped: {pretrained.available()}")
         return checkpoint.load_model(cls, path, device=device)
 
     @classmethod

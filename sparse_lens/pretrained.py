@@ -123,7 +123,11 @@ def load_packed(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return unpack_tensors(tensors, metadata)
+    try:
+        return unpack_tensors(tensors, metadata)
+    except (KeyError, checkpoint.CheckpointError) as err:
+        detail = f"missing tensor or layout field {err}" if isinstance(err, KeyError) else str(err)
+        raise checkpoint.CheckpointError(f"{path}: {detail}") from err
 
 
 # ------------------------------------------------------------------------------ shipped models
@@ -169,6 +173,8 @@ def load(name: str = "small", device: str | torch.device | None = None,
 
     d = path(name, root)
     header = checkpoint.read_json(d / checkpoint.CONFIG_FILE)
+    if "config" not in header:
+        raise checkpoint.CheckpointError(f"{d / checkpoint.CONFIG_FILE} has no field 'config'")
     cfg = SparseHookedTransformerConfig.from_json_dict(
         header["config"], **({"device": str(device)} if device is not None else {}))
     tensors = load_packed(d / WEIGHTS_FILE)
@@ -178,6 +184,7 @@ def load(name: str = "small", device: str | torch.device | None = None,
                                          f"{PROVENANCE_FILE} records (sha256 {expected[:12]}...)")
     model = SparseHookedTransformer(cfg, tokenizer=load_tokenizer())
     checkpoint.load_parameters(model, tensors, source=d / WEIGHTS_FILE)
+    model.loaded_from = d  # its provenance records the corpus (hooks.node_means_for)
     return model
 
 

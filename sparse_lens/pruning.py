@@ -20,6 +20,7 @@ the final position (`tasks.task_loss`); the 0.15 target applies to that mean.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,8 +63,9 @@ class PruneConfig:
         for name in ("steps", "batch_size", "n_train", "n_eval", "mean_tokens"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"PruneConfig.{name} must be an integer >= 1; got {getattr(self, name)!r}")
-        if not self.target_loss > 0:
-            raise ValueError(f"PruneConfig.target_loss must be > 0; got {self.target_loss!r}")
+        if not (self.target_loss > 0 and math.isfinite(self.target_loss)):
+            # inf would make every circuit "solve" the task, down to no node at all
+            raise ValueError(f"PruneConfig.target_loss must be finite and > 0; got {self.target_loss!r}")
         if not (self.k_coef >= 0 and self.lr > 0 and self.grad_clip > 0):
             raise ValueError("PruneConfig.k_coef must be >= 0, lr and grad_clip > 0")
         if self.level not in tasks.LEVELS or self.source not in tasks.SOURCES:
@@ -178,17 +180,17 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
     config = dataclasses.replace(config or PruneConfig(), **overrides)
     start = time.perf_counter()
     registry = NodeRegistry.for_model(model)
-    if means is None:
-        means = node_means_for(model, model_dir, n_tokens=config.mean_tokens)
-    device = model.cfg.device
+    device, n_ctx = model.cfg.device, model.cfg.n_ctx
     if isinstance(task, str):
         name, custom = task, None
-        kind = dict(level=config.level, source=config.source)
+        kind = dict(level=config.level, source=config.source, n_ctx=n_ctx)
         train_data = tasks.get_task(name, model.tokenizer, n=config.n_train, seed=config.seed, **kind).to(device)
         eval_data = tasks.get_task(name, model.tokenizer, n=config.n_eval, seed=config.seed + 1, **kind).to(device)
     else:  # a hand-made TaskData: optimise and bisect on it
-        name, custom = task.name, task.to(device)
+        name, custom = task.name, task.check_fits(n_ctx).to(device)
         train_data = eval_data = custom
+    if means is None:  # after the task data, whose errors come first
+        means = node_means_for(model, model_dir, n_tokens=config.mean_tokens)
 
     was_training = model.training
     model.eval()

@@ -22,7 +22,8 @@ working folder (pruning writes `circuits/` and `node_means.safetensors` there, t
 A checkpoint replaces only the trainer's own entries, each atomically (`checkpoint.save_model`):
 the model's files and `training/`, which holds everything a resume needs (the weights, hard-linked,
 the optimizer state and `state.json`), swapped in as one directory before the model's files, so a
-crash between the two leaves a resumable run. A new run refuses a directory that already holds a
+crash between the two leaves a resumable run; files computed from the previous weights (cached
+node means, a provenance record) are removed. A new run refuses a directory that already holds a
 model unless `overwrite=True`; `resume=True` refuses one with nothing to resume. Ctrl-C (SIGINT)
 finishes the current step, writes a checkpoint and raises `TrainingInterrupted`, which says how to
 resume; `snapshot_every` keeps a model directory every so many steps under `snapshots/`.
@@ -414,7 +415,9 @@ def _sigint_flag():
 def _save_run(out_dir: Path, model: SparseHookedTransformer, optimizer: torch.optim.Optimizer,
               step: int, model_cfg: SparseHookedTransformerConfig, tc: TrainConfig,
               history: list[dict[str, float]], unigram: float) -> None:
-    """Checkpoint: the model's files plus `training/` (weights linked, optimizer state, state.json)."""
+    """Checkpoint: the model's files plus `training/` (weights linked, optimizer state, state.json).
+    Files derived from the previous weights (`DERIVED_FILES`: cached node means, a provenance
+    record with their digest) are removed; everything else in `out_dir` stays."""
 
     def write_training_state(stage: Path) -> None:
         (stage / TRAINING_DIR).mkdir()
@@ -428,6 +431,8 @@ def _save_run(out_dir: Path, model: SparseHookedTransformer, optimizer: torch.op
         (stage / TRAINING_DIR / "state.json").write_text(json.dumps(state, indent=1))
 
     checkpoint.save_model(model, out_dir, write_extra=write_training_state)
+    for name in DERIVED_FILES:  # computed from the weights just replaced
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -466,6 +471,10 @@ def _load_run(out_dir: Path, model_cfg: SparseHookedTransformerConfig, tc: Train
     saved_model_cfg = model.cfg.to_json_dict()
     wanted_model_cfg = model_cfg.to_json_dict()
     state = checkpoint.read_json(out_dir / TRAINING_DIR / "state.json")
+    missing = [k for k in ("step", "train_config", "history") if k not in state]
+    if missing:
+        raise checkpoint.CheckpointError(f"{out_dir / TRAINING_DIR / 'state.json'} lacks {missing}: "
+                                         "not a complete training state")
     saved_tc = state["train_config"]
     diffs = [f"model.{k}: saved {saved_model_cfg.get(k)!r}, given {v!r}"
              for k, v in wanted_model_cfg.items() if saved_model_cfg.get(k) != v]

@@ -89,7 +89,7 @@ def stream(tokenizer):
 
 def mounts(html: str) -> list[tuple[str, dict]]:
     """(component, props) of every circuitsvis mount in `html`."""
-    found = re.findall(r"CircuitsVis\.(\w+), (\{.*?\})\);\n\}\)\(\);</script>", html)
+    found = re.findall(r'draw\("(\w+)", (\{.*?\})\);\n\}\)\(\);</script>', html)
     return [(name, json.loads(props)) for name, props in found]
 
 
@@ -266,7 +266,10 @@ def test_views_of_an_empty_circuit(model, means, task_data):
     assert "keeps no q, k or v" in attention_view(empty).body
 
 
-def test_a_view_shown_alone_carries_the_bundle_and_saves_as_a_page(circuit, tmp_path):
+def test_a_view_shown_alone_carries_the_bundle_and_saves_as_a_page(circuit, tmp_path, monkeypatch):
+    from sparse_lens.viz import view as view_module
+
+    monkeypatch.setattr(view_module, "NOTEBOOK_BUNDLE", view_module.NotebookBundle())  # a new kernel
     graph = circuit_graph(circuit)
     assert "CircuitsVis" not in graph._repr_html_()
     attention = attention_view(circuit, n_prompts=1)

@@ -2,15 +2,23 @@
 
 Means are taken over all positions of windows of the training corpus, with exactly the forward
 pass the masked model runs (AbsTopK included: the hooks sit after it). They are saved next to the
-model as `node_means.safetensors`, with the number of tokens they were averaged over.
+model as `node_means.safetensors`, with the number of tokens they were averaged over and the
+digest of the token stream they came from. By default that stream is the model's own training
+corpus, as its directory records it (`recorded_corpus`), and a cached file computed on another
+stream is recomputed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sparse_lens.hooks.nodes import NodeRegistry
@@ -52,10 +60,25 @@ def compute_node_means(
     return flat.to(model.cfg.dtype)
 
 
-def save_node_means(means: torch.Tensor, model_dir: str | Path, n_tokens: int) -> Path:
+#: where a model directory records the corpus it was trained on (the first that exists wins):
+#: a training run's state, or the provenance of a shipped checkpoint (`sparse_lens.pretrained`)
+CORPUS_RECORDS = ("training/state.json", "provenance.json")
+
+
+def tokens_digest(tokens: Int[torch.Tensor, " n"]) -> str:
+    """SHA-256 of a token stream's ids (as int64): which corpus means were computed on."""
+    return hashlib.sha256(tokens.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def save_node_means(means: torch.Tensor, model_dir: str | Path, n_tokens: int,
+                    tokens: Int[torch.Tensor, " n"] | None = None, corpus: str = "") -> Path:
+    """Write `means` to `model_dir`, recording `n_tokens`, the digest of the stream `tokens` they
+    were computed on (when given) and a description of its `corpus`."""
     path = Path(model_dir) / MEANS_FILE
-    save_file({"means": means.detach().cpu().contiguous()}, str(path),
-              metadata={"n_tokens": str(n_tokens)})
+    metadata = {"n_tokens": str(n_tokens), "corpus": corpus}
+    if tokens is not None:
+        metadata["tokens_sha256"] = tokens_digest(tokens)
+    save_file({"means": means.detach().cpu().contiguous()}, str(path), metadata=metadata)
     return path
 
 
@@ -65,28 +88,83 @@ def load_node_means(model_dir: str | Path, registry: NodeRegistry) -> Float[torc
     if not path.is_file():
         return None
     try:
-        means = load_file(str(path))["means"]
+        tensors = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a valid node-means file: {err}") from err
+    if "means" not in tensors:
+        raise ValueError(f"{path} has no tensor 'means': not a node-means file")
+    means = tensors["means"]
     if means.shape != (registry.n_nodes,):
         raise ValueError(f"{path} holds {tuple(means.shape)} means; this model has "
                          f"{registry.n_nodes} nodes")
     return means
 
 
-def node_means_for(model, model_dir: str | Path | None = None, tokens=None, n_tokens: int = 1 << 16):
-    """The model's node means: loaded from `model_dir` if saved there, else computed on
-    `tokens` (default: the standard-library training stream) and saved to `model_dir`."""
-    registry = NodeRegistry.for_model(model)
-    if model_dir is not None:
-        means = load_node_means(model_dir, registry)
-        if means is not None:
-            return means.to(model.cfg.device)
-    if tokens is None:
-        from sparse_lens.data import default_cache_dir, load_corpus
+def _saved_digest(model_dir: str | Path) -> str | None:
+    with safe_open(str(Path(model_dir) / MEANS_FILE), framework="pt") as f:
+        return (f.metadata() or {}).get("tokens_sha256")
 
-        tokens = load_corpus(None, model.tokenizer, cache_dir=default_cache_dir()).train
+
+def recorded_corpus(model_dir: str | Path) -> tuple[dict[str, Any], Path] | None:
+    """The corpus the model in `model_dir` was trained on, as its directory records it
+    (`CORPUS_RECORDS`): `{"sources", "val_fraction", "max_files"}` (sources None = the standard
+    library) and the file it came from; None when nothing is recorded."""
+    from sparse_lens.checkpoint import read_json
+
+    for name in CORPUS_RECORDS:
+        record = Path(model_dir) / name
+        if record.is_file():
+            tc = read_json(record).get("train_config")
+            if isinstance(tc, dict):
+                return ({"sources": tc.get("sources"), "val_fraction": tc.get("val_fraction", 0.02),
+                         "max_files": tc.get("max_files")}, record)
+    return None
+
+
+def _training_stream(model, spec: dict[str, Any] | None, record: Path | None) -> Int[torch.Tensor, " n"]:
+    """The training stream of the recorded corpus `spec` (None: the standard library)."""
+    from sparse_lens.data import default_cache_dir, load_corpus
+
+    spec = spec or {"sources": None, "val_fraction": 0.02, "max_files": None}
+    try:
+        return load_corpus(spec["sources"], model.tokenizer, val_fraction=spec["val_fraction"],
+                           max_files=spec["max_files"], cache_dir=default_cache_dir()).train
+    except ValueError as err:
+        raise ValueError(f"cannot load the training corpus recorded in {record}: {err}") from err
+
+
+def node_means_for(model, model_dir: str | Path | None = None, tokens=None, n_tokens: int = 1 << 16):
+    """The model's node means over `tokens`, by default the training stream of the corpus the
+    model was trained on, as recorded in `model_dir` (or in the directory the model was loaded
+    from, `model.loaded_from`; see `recorded_corpus`), else the standard library.
+
+    Cached in `model_dir` with the digest of the stream they were computed on: a cached file is
+    used when that digest matches the stream wanted, else recomputed (with a warning). When
+    neither `tokens` nor a recorded corpus says which stream is wanted, a cached file is used
+    as it is."""
+    registry = NodeRegistry.for_model(model)
+    given = tokens is not None
+    corpus_dir = model_dir if model_dir is not None else getattr(model, "loaded_from", None)
+    found = recorded_corpus(corpus_dir) if corpus_dir is not None and tokens is None else None
+    spec, record = found if found is not None else (None, None)
+    cached = load_node_means(model_dir, registry) if model_dir is not None else None
+    if cached is not None:
+        if tokens is None and spec is None:
+            return cached.to(model.cfg.device)
+        tokens = _training_stream(model, spec, record) if tokens is None else tokens
+        if _saved_digest(model_dir) == tokens_digest(tokens):
+            return cached.to(model.cfg.device)
+        warnings.warn(f"{Path(model_dir) / MEANS_FILE} was computed on another corpus than "
+                      f"{'the one recorded in ' + str(record) if record else 'the tokens given'} "
+                      "(or on one it does not record); recomputing it", UserWarning, stacklevel=2)
+    if tokens is None:
+        if corpus_dir is not None and spec is None:
+            warnings.warn(f"{corpus_dir} records no training corpus ({' or '.join(CORPUS_RECORDS)}); "
+                          "node means over the standard library", UserWarning, stacklevel=2)
+        tokens = _training_stream(model, spec, record)
     means = compute_node_means(model, registry, tokens, n_tokens=n_tokens)
     if model_dir is not None:
-        save_node_means(means, model_dir, n_tokens)
+        corpus = ("tokens given to node_means_for" if given else json.dumps(spec) if spec is not None
+                  else "the standard library (no corpus recorded)")
+        save_node_means(means, model_dir, n_tokens, tokens=tokens, corpus=corpus)
     return means

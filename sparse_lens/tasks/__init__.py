@@ -65,7 +65,7 @@ def _default_tokenizer() -> PreTrainedTokenizerBase:
 
 def get_task(name: str, tokenizer: PreTrainedTokenizerBase | None = None, n: int = 256,
              seed: int = 0, split: str = "train", level: str = "core", source: str = "generated",
-             corpus: Sequence[str | Path] | None = None) -> TaskData:
+             corpus: Sequence[str | Path] | None = None, n_ctx: int | None = None) -> TaskData:
     """`n` examples of the task `name` (see `list_tasks()`) from `split` ("train" or "test"),
     tokenized with `tokenizer` (default: the shipped tokenizer, `load_tokenizer()`).
 
@@ -76,7 +76,7 @@ def get_task(name: str, tokenizer: PreTrainedTokenizerBase | None = None, n: int
     smaller `n` gives a prefix of a larger one's examples. Classes alternate 0, 1, 0, ... (so
     even-sized slices are balanced). Train and test prompts never overlap. Raises ValueError
     for an unknown name (listing the known ones), level or source, a non-positive `n` or an
-    unknown split."""
+    unknown split, and (with a model's context `n_ctx`) when a prompt is longer than `n_ctx` tokens."""
     spec = get_spec(name, level)
     validate_request(n, split)
     if source not in SOURCES:
@@ -88,14 +88,16 @@ def get_task(name: str, tokenizer: PreTrainedTokenizerBase | None = None, n: int
             raise ValueError(f"level={level!r} is for generated tasks; corpus instances have no levels")
         found = corpus_examples(name, tokenizer, n=n, seed=seed, split=split, files=corpus,
                                 max_prompt_tokens=spec.max_prompt_tokens)
-        return TaskData.from_prompts(
+        data = TaskData.from_prompts(
             name, [e.prompt for e in found], [e.correct for e in found], [e.contrast for e in found],
             tokenizer, description=f"{spec.description} (real code)", labels=[e.label for e in found],
             max_prompt_tokens=spec.max_prompt_tokens)
+        return data if n_ctx is None else data.check_fits(n_ctx)
     if corpus is not None:
         raise ValueError("corpus= is only read with source='corpus'")
     examples = generate_examples(name, n=n, seed=seed, split=split, tokenizer=tokenizer, level=level)
-    return TaskData.from_examples(spec, examples, tokenizer)
+    data = TaskData.from_examples(spec, examples, tokenizer)
+    return data if n_ctx is None else data.check_fits(n_ctx)
 
 
 def __getattr__(name: str):

@@ -67,10 +67,11 @@ class TaskData:
         description: str = "",
         labels: Sequence[int] | None = None,
         max_prompt_tokens: int = MAX_PROMPT_TOKENS_LIMIT,
+        n_ctx: int | None = None,
     ) -> TaskData:
         """Tokenize hand-made prompts and their two candidate continuations. Raises ValueError
         if a candidate is not a single token in context, a prompt is empty, or a prompt has more
-        than `max_prompt_tokens` tokens."""
+        than `max_prompt_tokens` tokens or (when given) than a model's context `n_ctx`."""
         prompts, correct, contrast = list(prompts), list(correct), list(contrast)
         if not prompts or not len(prompts) == len(correct) == len(contrast):
             raise ValueError("from_prompts needs equally many (and at least one) prompts, "
@@ -82,6 +83,8 @@ class TaskData:
             if not 1 <= len(ids) <= max_prompt_tokens:
                 raise ValueError(f"task {name!r}: prompt has {len(ids)} tokens (allowed 1.."
                                  f"{max_prompt_tokens}): {prompt!r}")
+        if n_ctx is not None:
+            check_fits(name, [len(ids) for ids in prompt_ids], n_ctx, prompts)
         pad_id = _pad_id(tokenizer)
         width = max(len(ids) for ids in prompt_ids)
         tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -104,6 +107,12 @@ class TaskData:
             spec.name, [e.prompt for e in examples], [e.correct for e in examples],
             [e.contrast for e in examples], tokenizer, description=spec.description,
             labels=[e.label for e in examples], max_prompt_tokens=spec.max_prompt_tokens)
+
+    def check_fits(self, n_ctx: int) -> TaskData:
+        """`self`, or ValueError naming the task, the longest prompt's length and `n_ctx` when a
+        prompt is longer than a model's context."""
+        check_fits(self.name, (self.last_pos + 1).tolist(), n_ctx, self.prompts)
+        return self
 
     # ------------------------------------------------------------------ batching
     def __len__(self) -> int:
@@ -145,6 +154,14 @@ class TaskData:
 
 
 # ---------------------------------------------------------------------- helpers
+def check_fits(task: str, lengths: Sequence[int], n_ctx: int, prompts: Sequence[str]) -> None:
+    """ValueError naming `task`, the longest of `lengths` (tokens) and `n_ctx` if it exceeds it."""
+    longest = max(range(len(lengths)), key=lambda i: lengths[i], default=None)
+    if longest is not None and lengths[longest] > n_ctx:
+        raise ValueError(f"task {task!r}: a prompt has {lengths[longest]} tokens, more than the "
+                         f"model's context n_ctx={n_ctx}: {prompts[longest][:80]!r}...")
+
+
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 

@@ -16,7 +16,7 @@ from sparse_lens.viz.graph import circuit_graph
 from sparse_lens.viz.neurons import neuron_view
 from sparse_lens.viz.report import report_html, write_report
 from sparse_lens.viz.tables import tables_view
-from sparse_lens.viz.view import View
+from sparse_lens.viz.view import NOTEBOOK_BUNDLE, View
 
-__all__ = ["View", "circuit_graph", "attention_view", "neuron_view", "tables_view", "write_report",
+__all__ = ["View", "NOTEBOOK_BUNDLE", "circuit_graph", "attention_view", "neuron_view", "tables_view", "write_report",
            "report_html"]

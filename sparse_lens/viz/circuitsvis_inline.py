@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 BUNDLE_RELATIVE_PATH = ("dist", "cdn", "iife.js")
+#: the window event the bundle's script fires once `CircuitsVis` is defined
+READY_EVENT = "sparse-lens-circuitsvis-ready"
 #: characters that must not appear raw inside a <script> element's data
 _SCRIPT_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
@@ -53,7 +55,11 @@ def bundle_script() -> str:
     js = re.sub(r"^//# sourceMappingURL=.*$", "", js, flags=re.MULTILINE)
     js = re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE).replace("<!--", "<\\!--")
     version = getattr(circuitsvis, "__version__", "unknown")
-    return f'<script data-sparse-lens-bundle="circuitsvis {version}">\n{js}\n</script>'
+    # views mounted before the bundle arrived (a notebook whose first output was cleared) wait
+    # for this event
+    ready = (f'if (typeof window !== "undefined" && window.dispatchEvent) '
+             f'{{ window.dispatchEvent(new Event("{READY_EVENT}")); }}')
+    return f'<script data-sparse-lens-bundle="circuitsvis {version}">\n{js}\n{ready}\n</script>'
 
 
 def script_safe_json(value) -> str:
@@ -85,10 +91,19 @@ def mount(component: str, props: dict) -> str:
         f'<div id="{element_id}" class="sl-cv" data-component="{component}" style="margin: 12px 0;"></div>\n'
         "<script>(function () {\n"
         f'  var el = document.getElementById("{element_id}");\n'
-        '  if (typeof CircuitsVis === "undefined") {\n'
-        '    el.textContent = "(the circuitsvis bundle is not loaded on this page)"; return;\n'
+        "  function draw(component, props) {\n"
+        '    if (typeof CircuitsVis === "undefined") {  // wait for the bundle (a notebook)\n'
+        '      el.textContent = "(the circuitsvis bundle is not loaded on this page; in a notebook, '
+        'display sparse_lens.viz.NOTEBOOK_BUNDLE)";\n'
+        '      if (typeof window !== "undefined" && window.addEventListener) {\n'
+        f'        window.addEventListener("{READY_EVENT}", function () {{\n'
+        '          el.textContent = ""; draw(component, props); }, {once: true});\n'
+        "      }\n"
+        "      return;\n"
+        "    }\n"
+        f'    CircuitsVis.render("{element_id}", CircuitsVis[component], props);\n'
         "  }\n"
-        f'  CircuitsVis.render("{element_id}", CircuitsVis.{component}, {data});\n'
+        f'  draw("{component}", {data});\n'
         "})();</script>")
 
 

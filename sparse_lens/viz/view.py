@@ -1,14 +1,20 @@
 """`View`: one view of a circuit as an HTML fragment, shown inline by Jupyter and embeddable in a
 report page.
 
-A view that uses circuitsvis components needs the circuitsvis bundle on the page. Shown on its
-own (`_repr_html_`, `html()`, `save()`) it carries the bundle inline; a report includes the
-bundle once and embeds every view with `html(standalone=False)`. Nothing is loaded from a network.
+A view that uses circuitsvis components needs the circuitsvis bundle (1.3 MB) on the page.
+`html()` and `save()` carry it inline (self-contained); a report includes it once and embeds every
+view with `html(standalone=False)`. In a notebook (`_repr_html_`) the bundle is sent once per
+kernel: the first view that needs it defines `window.CircuitsVis`, later views reuse it, so four
+circuits' views add kilobytes to the notebook, not megabytes. If that first output is cleared (or
+the notebook reopened without it), display `sparse_lens.viz.NOTEBOOK_BUNDLE` in a cell: views
+waiting for the bundle render as soon as it arrives. Where each output is its own frame (Colab),
+every view carries the bundle. Nothing is loaded from a network.
 """
 
 from __future__ import annotations
 
 import html
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +53,39 @@ class View:
                 f"{self.body}\n</div>")
 
     def _repr_html_(self) -> str:
-        return f"<style>{PAGE_STYLE}</style>\n" + self.html(standalone=True)
+        """The view in a notebook: the bundle only if this kernel has not sent it yet."""
+        bundle = NOTEBOOK_BUNDLE.script_once() if self.uses_circuitsvis else ""
+        return f"<style>{PAGE_STYLE}</style>\n{bundle}" + self.html(standalone=False)
 
     def save(self, path: str | Path) -> Path:
         """Write the view as a self-contained HTML page."""
         path = Path(path)
         path.write_text(page(self.title, self.html(standalone=True)), encoding="utf-8")
         return path
+
+
+class NotebookBundle:
+    """Whether this notebook kernel has sent the circuitsvis bundle to its page (module
+    docstring). Displaying it sends the bundle (again)."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def script_once(self) -> str:
+        """The bundle's `<script>` the first time (every time where outputs are separate frames),
+        else ""."""
+        if self.sent and "google.colab" not in sys.modules:
+            return ""
+        self.sent = True
+        return bundle_script() + "\n"
+
+    def _repr_html_(self) -> str:
+        self.sent = True
+        return bundle_script()
+
+
+#: this kernel's record of the bundle (one per Python process, that is per notebook kernel)
+NOTEBOOK_BUNDLE = NotebookBundle()
 
 
 def page(title: str, body: str, head: str = "") -> str:
