@@ -41,10 +41,16 @@ def _median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
 
 
+#: the clock every figure is taken with: wall time, or with `--clock cpu` this process's CPU
+#: time (meaningful with `--threads 1` only: it leaves out time spent waiting for a core on a
+#: loaded machine, not the slowdown of sharing caches with other processes)
+_CLOCK = {"now": time.perf_counter}
+
+
 def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+    start = _CLOCK["now"]()
     fn()
-    return time.perf_counter() - start
+    return _CLOCK["now"]() - start
 
 
 # ------------------------------------------------------------------------- the matmul limit
@@ -126,9 +132,9 @@ def time_phases(model, optimizer, tokens: torch.Tensor, tc, old: bool) -> dict[s
 
     out: dict[str, float] = {}
     with reference_kernels(old):
-        start = time.perf_counter()
+        start = _CLOCK["now"]()
         loss = model(tokens, return_type="loss")
-        out["forward (with loss)"] = time.perf_counter() - start
+        out["forward (with loss)"] = _CLOCK["now"]() - start
         optimizer.zero_grad(set_to_none=True)
         out["backward"] = _timed(loss.backward)
         out["grad RMS + AdamW"] = _timed(lambda: (
@@ -230,7 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--passes", action=argparse.BooleanOptionalAction, default=True,
                         help="also time node means and a pruning step")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time, for a loaded machine (with --threads 1)")
     args = parser.parse_args(argv)
+    if args.clock == "cpu":
+        if args.threads != 1:
+            parser.error("--clock cpu needs --threads 1 (CPU time adds up every thread's time)")
+        _CLOCK["now"] = time.process_time
 
     from sparse_lens import data
     from sparse_lens.config import SparseHookedTransformerConfig
@@ -249,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     tokens = args.batch_size * args.seq_len
     print(f"preset {args.preset}: {cfg.n_layers} layers, d_model {cfg.d_model}, d_mlp {cfg.d_mlp}, "
           f"L0 {cfg.weight_l0:.4g}; batch {args.batch_size} x {args.seq_len}; "
-          f"{torch.get_num_threads()} threads; medians of {args.reps} interleaved repetitions")
+          f"{torch.get_num_threads()} threads, {args.clock} clock; medians of {args.reps} "
+          f"interleaved repetitions")
     runs = build_runs(cfg, tc, "cpu")
     times = time_steps(runs, batches, tc, make_gemm_pass(gemms), args.warmup)
     report_steps(times, gemm_flops(gemms), tokens)
