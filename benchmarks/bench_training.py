@@ -267,24 +267,34 @@ def main(argv: list[str] | None = None) -> None:
     times = time_steps(runs, batches, tc, make_gemm_pass(gemms), args.warmup)
     report_steps(times, gemm_flops(gemms), tokens)
 
+    report_breakdown(runs, cfg, tc, batches, corpus.train if args.passes else None)
+
+
+def report_breakdown(runs: dict, cfg, tc, batches: list[torch.Tensor], corpus_tokens) -> None:
+    """The sparse step per op, old and new; then (given `corpus_tokens`) node means and a
+    pruning step on a fresh model."""
+    from sparse_lens.model import SparseHookedTransformer
+    from sparse_lens.tokenizer import load_tokenizer
+
     model, optimizer, _, _ = runs["sparse new"]
-    phases = {"old": [], "new": []}
+    batch, seq = batches[0].shape
+    phases: dict[str, list] = {"old": [], "new": []}
     for i in range(5):
         for version in ("old", "new"):
             phases[version].append(time_phases(model, optimizer, batches[i], tc, version == "old")
-                                   | time_kernels(cfg, args.batch_size, args.seq_len, version == "old"))
+                                   | time_kernels(cfg, batch, seq, version == "old"))
     _print_table("sparse step, per op (medians of 5, interleaved):",
                  _medians(phases["old"]), _medians(phases["new"]))
-    if args.passes:
-        model = SparseHookedTransformer(cfg, tokenizer=load_tokenizer())
-        model.requires_grad_(False)
-        passes = {"old": [], "new": []}
-        for _ in range(3):
-            for version in ("old", "new"):
-                passes[version].append(time_passes(model, corpus.train, version == "old"))
-        _print_table("outside training (medians of 3, interleaved):",
-                     _medians(passes["old"]), _medians(passes["new"]))
-
+    if corpus_tokens is None:
+        return
+    model = SparseHookedTransformer(cfg, tokenizer=load_tokenizer())
+    model.requires_grad_(False)
+    passes: dict[str, list] = {"old": [], "new": []}
+    for _ in range(3):
+        for version in ("old", "new"):
+            passes[version].append(time_passes(model, corpus_tokens, version == "old"))
+    _print_table("outside training (medians of 3, interleaved):",
+                 _medians(passes["old"]), _medians(passes["new"]))
 
 if __name__ == "__main__":
     main()
