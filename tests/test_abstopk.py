@@ -106,3 +106,9 @@ def test_noncontiguous_input_and_no_grad():
     x = tie_free(40, 256).t()  # [256, 40], rows strided
     with torch.no_grad():
         assert torch.equal(abs_topk(x, 10), abs_topk_reference(x, 10))
+
+
+def test_nan_counts_as_the_largest_magnitude_like_torch_topk():
+    x = torch.tensor([[1.0, -float("nan"), 3.0, 0.5, -2.0]])
+    out = abs_topk(x, 2)
+    assert torch.isnan(out[0, 1]) and out[0, 2] == 3.0 and (out[0, [0, 3, 4]] == 0).all()
