@@ -3,8 +3,10 @@
 Each AbsTopK runs *before* the standard hook of its location fires (see `config.TOPK_LOCATIONS`),
 so `run_with_cache`, `ActivationCache.get_neuron_results`, head results from `hook_z` and every
 other TransformerLens helper see the sparse values the model really uses. With no location
-configured these components compute exactly what TransformerLens's own `Attention`, `MLP` and
-`TransformerBlock` compute.
+configured these components compute what TransformerLens's own `Attention`, `MLP` and
+`TransformerBlock` compute (attention to float tolerance when its fused path runs, see
+`SparseAttention`). AbsTopK is `abstopk.abs_topk`; `kernels.reference_kernels()` switches both
+AbsTopK and attention to their reference implementations.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import einops
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from transformer_lens.components import Attention, LayerNorm, RMSNorm, TransformerBlock
 from transformer_lens.components.mlps.mlp import MLP
@@ -19,16 +22,13 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.addmm import batch_addmm
 from transformer_lens.utilities.attention import simple_attn_linear
 
+from sparse_lens import attention
+from sparse_lens.abstopk import abs_topk
 from sparse_lens.config import SparseHookedTransformerConfig
+from sparse_lens.kernels import fast_kernels_enabled
 
-
-def abs_topk(x: Float[torch.Tensor, "... dim"], k: int) -> Float[torch.Tensor, "... dim"]:
-    """Keep the `k` entries of largest |x| along the last axis, zero the rest (gradient flows
-    to the kept entries only). `k >= dim` returns `x` unchanged."""
-    if k >= x.shape[-1]:
-        return x
-    idx = x.abs().topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+__all__ = ["abs_topk", "maybe_topk", "make_norm", "SparseAttention", "SparseMLP",
+           "SparseTransformerBlock"]
 
 
 def maybe_topk(
@@ -46,7 +46,13 @@ def make_norm(cfg: SparseHookedTransformerConfig, length: int) -> nn.Module:
 class SparseAttention(Attention):
     """TransformerLens `Attention` with optional AbsTopK on q, k and v (over all heads' channels
     of a token together) before `hook_q`/`hook_k`/`hook_v`. W_Q, W_K and W_V read `cfg.d_read`
-    channels (d_model, plus the concatenated positions when `d_pos_emb` is set)."""
+    channels (d_model, plus the concatenated positions when `d_pos_emb` is set).
+
+    When nothing can observe the scores or the pattern (no hook on `hook_attn_scores` or
+    `hook_pattern`, no KV cache, padding mask or extra bias: see `pattern_is_unobserved`), z comes
+    from `attention.causal_attention`, which never materialises them; otherwise, and under
+    `kernels.reference_kernels()`, from TransformerLens's own forward. Every other hook fires
+    on both paths."""
 
     cfg: SparseHookedTransformerConfig
 
@@ -58,6 +64,35 @@ class SparseAttention(Attention):
             self.W_Q = nn.Parameter(torch.empty(shape, dtype=cfg.dtype))
             self.W_K = nn.Parameter(torch.empty(shape, dtype=cfg.dtype))
             self.W_V = nn.Parameter(torch.empty(shape, dtype=cfg.dtype))
+
+    def forward(self, query_input, key_input, value_input, past_kv_cache_entry=None,  # type: ignore[override]
+                additive_attention_mask=None, attention_mask=None, position_bias=None):
+        """TransformerLens's attention forward, or its fused equivalent (see the class docstring)."""
+        extras = (past_kv_cache_entry, additive_attention_mask, attention_mask, position_bias)
+        if any(e is not None for e in extras) or not self.pattern_is_unobserved(query_input):
+            return super().forward(query_input, key_input, value_input, past_kv_cache_entry,
+                                   additive_attention_mask, attention_mask, position_bias)
+        q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
+        sinks = self.sinks if self.cfg.use_attention_sinks else None
+        z = self.hook_z(attention.causal_attention(q, k, v, 1.0 / self.attn_scale, sinks))
+        # the output projection exactly as TransformerLens writes it
+        w = einops.rearrange(self.W_O, "head_index d_head d_model -> d_model (head_index d_head)")
+        return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w.contiguous(), self.b_O)
+
+    def pattern_is_unobserved(self, x: torch.Tensor) -> bool:
+        """Whether the fused path may run: fast kernels on, no hook (of any kind, nor a global
+        module hook) on `hook_attn_scores` or `hook_pattern`, a plain causal softmax attention
+        (no soft cap, ALiBi, rotary, local window, per-head results or cache-only options), and
+        a kernel for `x`'s device and dtype."""
+        cfg = self.cfg
+        plain = (cfg.positional_embedding_type == "standard" and self.attn_type == "global"
+                 and (self._attention_dir_override or cfg.attention_dir) == "causal"
+                 and not cfg.use_attn_result and not cfg.load_in_4bit and cfg.clip_qkv is None
+                 and not (cfg.attn_scores_soft_cap is not None and cfg.attn_scores_soft_cap > 0)
+                 and not (cfg.use_logn_attn and not self.training))
+        return (plain and fast_kernels_enabled()
+                and not _observed(self.hook_attn_scores) and not _observed(self.hook_pattern)
+                and attention.supports(x.device, x.dtype, cfg.use_attention_sinks))
 
     def calculate_qkv_matrices(self, query_input, key_input, value_input):  # type: ignore[override]
         q = self._project("attn_q", query_input, self.W_Q, self.b_Q, self.hook_q)
@@ -80,6 +115,18 @@ class SparseAttention(Attention):
             out = einops.rearrange(flat, "batch pos (head d_head) -> batch pos head d_head",
                                    head=out.shape[2])
         return hook(out)
+
+
+def _observed(module: nn.Module) -> bool:
+    """Whether any forward or backward hook (the module's own or a global one) would see
+    `module` run."""
+    from torch.nn.modules import module as torch_module
+
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+           module._backward_pre_hooks)
+    global_ = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks,
+               torch_module._global_backward_hooks, torch_module._global_backward_pre_hooks)
+    return any(len(hooks) > 0 for hooks in own + global_)
 
 
 class SparseMLP(MLP):
