@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "everything else mean-ablated; save each circuit and a summary table.")
     p.add_argument("--model", type=Path, required=True, help="model directory (from `train`)")
     p.add_argument("--task", default="all", help="a task name, or all (default)")
+    p.add_argument("--level", choices=("core", "hard"), default="core",
+                   help="task level: core (default; the named behaviour) or hard (with distractors)")
+    p.add_argument("--source", choices=("generated", "corpus"), default="generated",
+                   help="task examples generated (default) or taken from real code (the stdlib "
+                   "validation files; quote and bracket tasks; all means those)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default <model>/circuits)")
     p.add_argument("--steps", type=int, default=None, help="mask-optimisation steps")
     p.add_argument("--target-loss", type=float, default=None)
@@ -178,13 +183,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from sparse_lens.hooks import node_means_for
     from sparse_lens.model import SparseHookedTransformer
     from sparse_lens.pruning import PruneConfig, prune
-    from sparse_lens.tasks import get_spec, list_tasks
+    from sparse_lens.tasks import CORPUS_TASKS, get_spec, list_tasks
 
-    tasks = list_tasks() if args.task == "all" else [args.task]
+    tasks = [args.task] if args.task != "all" else \
+        list(CORPUS_TASKS) if args.source == "corpus" else list_tasks()
     for task in tasks:
         get_spec(task)  # an unknown name: ValueError listing the known ones
     model = SparseHookedTransformer.from_pretrained(args.model, device=args.device)
-    fields = dict(steps=args.steps, target_loss=args.target_loss, k_coef=args.k_coef, seed=args.seed)
+    fields = dict(steps=args.steps, target_loss=args.target_loss, k_coef=args.k_coef, seed=args.seed,
+                  level=args.level, source=args.source)
     config = PruneConfig(**{k: v for k, v in fields.items() if v is not None},
                          calibrate=args.calibrate, progress=not args.no_progress)
     out = args.out or args.model / "circuits"

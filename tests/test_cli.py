@@ -46,6 +46,18 @@ def test_prune_writes_circuits_and_a_summary(model_dir, tmp_path, capsys):
     assert circuit.n_nodes == pd.read_csv(out / "summary.csv").nodes.iloc[0]
 
 
+def test_prune_level_and_source_reach_the_pruning_config(model_dir, tmp_path, capsys):
+    out = tmp_path / "circuits"
+    assert cli.main(["prune", "--model", str(model_dir), "--task", "for_while", "--level", "hard",
+                     "--out", str(out), "--target-loss", "5", "--steps", "2", "--no-progress",
+                     "--no-verify"]) == 0
+    saved = json.loads((out / "for_while" / "circuit.json").read_text())["config"]
+    assert (saved["level"], saved["source"]) == ("hard", "generated")
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--model", str(model_dir), "--level", "easy"])
+    assert "invalid choice: 'easy'" in capsys.readouterr().err
+
+
 def test_unknown_task_is_a_clear_error(model_dir, capsys):
     assert cli.main(["prune", "--model", str(model_dir), "--task", "nope"]) == 2
     err = capsys.readouterr().err
