@@ -80,28 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    f = sub.add_parser("faithfulness", help="check whether circuits can be trusted (controls, "
-                       "partial restoration, interchange, ablation modes)",
-                       description="For each task: load the circuit saved in --circuits (or prune "
-                       "one and save it there), run the faithfulness checks, print the table and "
-                       "write it as <circuit>/faithfulness.csv and <out>/<task>.csv.")
-    f.add_argument("--model", type=Path, required=True, help="model directory (from `train`)")
-    f.add_argument("--task", default="all", help="a task name, or all (default)")
-    f.add_argument("--circuits", type=Path, default=None,
-                   help="directory of saved circuits (default <model>/circuits)")
-    f.add_argument("--out", type=Path, default=None, help="where the tables go (default --circuits)")
-    f.add_argument("--target-loss", type=float, default=None, help="for circuits pruned here")
-    f.add_argument("--steps", type=int, default=None, help="mask-optimisation steps, for circuits pruned here")
-    f.add_argument("--ablation", default=None, choices=ABLATION_CHOICES, help="for circuits pruned here")
-    f.add_argument("--n", type=int, default=None, help="held-out prompts (default 128)")
-    f.add_argument("--draws", type=int, default=None, help="partial-restoration draws (default 16)")
-    f.add_argument("--control-steps", type=int, default=None,
-                   help="optimisation steps of the control searches (default: the circuit's)")
-    f.add_argument("--no-controls", action="store_true", help="skip the nonsense and random-model searches")
-    f.add_argument("--seed", type=int, default=None)
-    f.add_argument("--device", default=None, help="cpu (default) or cuda")
-    f.add_argument("--no-progress", action="store_true")
-    f.set_defaults(func=cmd_faithfulness)
+    add_faithfulness_parser(sub)
 
     r = sub.add_parser("report", help="write one offline HTML report of a model's pruned circuits",
                        description="Load the circuits saved by `prune` and write a self-contained "
@@ -145,6 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bridges_parser(sub)
     return parser
+
+
+def add_faithfulness_parser(sub) -> None:
+    f = sub.add_parser("faithfulness", help="check whether circuits can be trusted (controls, "
+                       "partial restoration, interchange, ablation modes)",
+                       description="For each task: load the circuit saved in --circuits (or prune "
+                       "one and save it there), run the faithfulness checks, print the table and "
+                       "write it as <circuit>/faithfulness.csv and <out>/<task>.csv.")
+    f.add_argument("--model", type=Path, required=True, help="model directory (from `train`)")
+    f.add_argument("--task", default="all", help="a task name, or all (default)")
+    f.add_argument("--circuits", type=Path, default=None,
+                   help="directory of saved circuits (default <model>/circuits)")
+    f.add_argument("--out", type=Path, default=None, help="where the tables go (default --circuits)")
+    f.add_argument("--target-loss", type=float, default=None, help="for circuits pruned here")
+    f.add_argument("--steps", type=int, default=None, help="mask-optimisation steps, for circuits pruned here")
+    f.add_argument("--ablation", default=None, choices=ABLATION_CHOICES, help="for circuits pruned here")
+    f.add_argument("--n", type=int, default=None, help="held-out prompts (default 128)")
+    f.add_argument("--draws", type=int, default=None, help="partial-restoration draws (default 16)")
+    f.add_argument("--control-steps", type=int, default=None,
+                   help="optimisation steps of the control searches (default: the circuit's)")
+    f.add_argument("--no-controls", action="store_true", help="skip the nonsense and random-model searches")
+    f.add_argument("--seed", type=int, default=None)
+    f.add_argument("--device", default=None, help="cpu (default) or cuda")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=cmd_faithfulness)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

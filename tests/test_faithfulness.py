@@ -239,6 +239,23 @@ def test_resample_falls_back_to_task_means_past_a_shorter_donors_end(true_model)
     assert not torch.allclose(ablated[0, :3], parts[site].expand(3, -1))
 
 
+def test_ablation_hooks_come_off_even_when_a_pass_raises(true_model):
+    model, means = true_model
+    reg, data = registry_of(model), hand_task(4)
+    ablation = Ablation.build("resample", model, means, data)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ablated_nodes(model, reg, torch.zeros(reg.n_nodes), ablation) as masker:
+            masker.logits(model, data)
+            raise RuntimeError("boom")
+    assert not any(model.hook_dict[s.hook_name].fwd_hooks for s in reg.sites)
+    with ablated_nodes(model, reg, torch.zeros(reg.n_nodes), ablation) as masker:
+        with pytest.raises(Exception):
+            masker.logits(model, data[:2], donors=data[:2].to("meta"))  # the donor pass fails
+        assert masker._recording is None and masker._replacement is None
+        masker.logits(model, data)  # and the masker still works
+    assert not any(model.hook_dict[s.hook_name].fwd_hooks for s in reg.sites)
+
+
 def test_prune_under_each_mode_records_it_and_the_circuit_reloads_with_it(true_model, tmp_path):
     model, means = true_model
     with pytest.raises(ValueError, match="ablation"):
