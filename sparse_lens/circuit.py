@@ -4,6 +4,7 @@
     print(circuit)                 # nodes and edges kept out of the model's totals, task losses
     circuit.nodes, circuit.edges   # pandas DataFrames
     circuit.verify()               # full model vs circuit alone vs circuit ablated vs random sets
+    circuit.faithfulness()         # controls, partial restoration, interchange, ablation modes
     logits = circuit.run(tokens)   # the model with every node outside the circuit mean-ablated
     circuit.save("circuits/quote"); Circuit.load("circuits/quote", model)
 
@@ -60,13 +61,15 @@ class Circuit:
 
     def __init__(self, model, task: str, node_ids, tau, means, config, losses: dict,
                  calibration=None, solved: bool = False, bisection=(), seconds: float = 0.0,
-                 data=None):
+                 data=None, ablation_values=None):
         self.model = model
         self.registry = NodeRegistry.for_model(model)
         self.task = task
         self.node_ids: list[int] = sorted(int(i) for i in node_ids)
         self.tau = tau  # [n_nodes] learned mask logits (None when loaded without them)
-        self.means = means  # [n_nodes] node means used for ablation
+        self.means = means  # [n_nodes] node means over the pretraining corpus
+        # [n_nodes] what pruned nodes take in the circuit's ablation mode (None: the means)
+        self.ablation_values = ablation_values
         self.config = config
         self.losses = dict(losses)
         self.calibration = calibration
@@ -75,6 +78,7 @@ class Circuit:
         self.seconds = seconds
         self.data = data  # a hand-made TaskData, used instead of generating `task` examples
         self.verification: pd.DataFrame | None = None
+        self.faithfulness_table: pd.DataFrame | None = None
         self._edges: pd.DataFrame | None = None
 
     # ------------------------------------------------------------------ nodes and edges
@@ -85,6 +89,20 @@ class Circuit:
     @property
     def mask(self) -> Float[torch.Tensor, " n_nodes"]:
         return keep_mask_from_ids(self.registry, self.node_ids)
+
+    @property
+    def ablation_mode(self) -> str:
+        """The ablation mode that found the circuit (`sparse_lens.ablation`; "mean" by default)."""
+        return getattr(self.config, "ablation", "mean")
+
+    @property
+    def ablation(self):
+        """The circuit's `Ablation`: its mode, with the values the search used (for `resample`,
+        the task means its fallback takes)."""
+        from sparse_lens.ablation import Ablation
+
+        values = self.means if self.ablation_values is None else self.ablation_values
+        return Ablation(self.ablation_mode, values, getattr(self.config, "seed", 0))
 
     @property
     def nodes(self) -> pd.DataFrame:
@@ -124,13 +142,17 @@ class Circuit:
     def run(self, tokens: Int[torch.Tensor, "batch pos"] | str | list[str], **forward_kwargs):
         """The model's output with every node outside the circuit replaced by its mean (and the
         calibration, if pruning fitted one, applied to the logits). Text is tokenized without
-        truncation: an input longer than the model's `n_ctx` is a ValueError, never cut."""
+        truncation: an input longer than the model's `n_ctx` is a ValueError, never cut. A
+        circuit found under another ablation mode uses that mode's values; `resample` needs task
+        prompts, so here it uses its fallback, the task means (`verify` and `faithfulness`
+        resample)."""
         if isinstance(tokens, (str, list)):
             tokens = self.model.to_tokens(tokens, truncate=False)
         if tokens.shape[-1] > self.model.cfg.n_ctx:
             raise ValueError(f"Circuit.run (task {self.task!r}): the input has {tokens.shape[-1]} "
                              f"tokens, more than the model's context n_ctx={self.model.cfg.n_ctx}")
-        with masked_nodes(self.model, self.registry, self.mask, self.means):
+        values = self.means if self.ablation_values is None else self.ablation_values
+        with masked_nodes(self.model, self.registry, self.mask, values):
             out = self.model(tokens, **forward_kwargs)
         if self.calibration is not None and isinstance(out, torch.Tensor) and out.ndim == 3:
             out = self.calibration.apply_logits(out)
@@ -138,9 +160,11 @@ class Circuit:
 
     def verify(self, n: int = 256, n_random: int = 5, seed: int = 0) -> pd.DataFrame:
         """Task loss and accuracy on `n` held-out (test split) examples for: the full model; the
-        circuit alone (everything else mean-ablated); the model with the circuit's nodes
-        ablated; random node sets of the circuit's size (mean and std over `n_random` seeds).
-        The circuit row uses the circuit's calibration, if any. Stored as `.verification`."""
+        circuit alone (everything else ablated, in the circuit's ablation mode); the model with
+        the circuit's nodes ablated; random node sets of the circuit's size (mean and std over
+        `n_random` seeds). The circuit row uses the circuit's calibration, if any. Stored as
+        `.verification`."""
+        from sparse_lens.ablation import ablated_nodes
         from sparse_lens.pruning import final_logit_pairs, pair_accuracy, pair_loss
 
         data = self._task_data(split="test", n=n, seed=seed)
@@ -150,7 +174,7 @@ class Circuit:
         was_training = model.training
         model.eval()
         try:
-            with masked_nodes(model, reg, torch.ones(reg.n_nodes), self.means) as masker:
+            with ablated_nodes(model, reg, torch.ones(reg.n_nodes), self.ablation) as masker:
                 def evaluate(mask, calibrate=False):
                     pairs = final_logit_pairs(model, data, masker, mask.to(model.cfg.device))
                     if calibrate and self.calibration is not None:
@@ -178,6 +202,15 @@ class Circuit:
                          accuracy_std=random_results[:, 1].std().item() if n_random > 1 else 0.0))
         self.verification = pd.DataFrame(rows)
         return self.verification
+
+    def faithfulness(self, config=None, corpus_tokens=None, **overrides) -> pd.DataFrame:
+        """The evidence for or against trusting the circuit, one row per check with its number
+        and a plain verdict: `sparse_lens.faithfulness.faithfulness`. Stored as
+        `.faithfulness_table`."""
+        from sparse_lens.faithfulness import faithfulness
+
+        self.faithfulness_table = faithfulness(self, config, corpus_tokens=corpus_tokens, **overrides)
+        return self.faithfulness_table
 
     # ------------------------------------------------------------------ summary
     @property
@@ -221,6 +254,8 @@ class Circuit:
             + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in self.losses.items())
             + f"; target {target}: {status}",
         ]
+        if self.ablation_mode != "mean":
+            lines.append(f"  found with {self.ablation_mode} ablation")
         if self.calibration is not None:
             lines.append(f"  calibrated logits: scale {self.calibration.scale:.3f}")
         return "\n".join(lines)
@@ -244,6 +279,8 @@ class Circuit:
         tensors = {"means": self.means.detach().cpu().contiguous()}
         if self.tau is not None:
             tensors["tau"] = self.tau.detach().cpu().contiguous()
+        if self.ablation_values is not None:
+            tensors["ablation_values"] = self.ablation_values.detach().cpu().contiguous()
         save_file(tensors, str(path / TENSORS_FILE))
         return path
 
@@ -280,7 +317,8 @@ class Circuit:
             raise ValueError(f"{path / CIRCUIT_FILE}: invalid calibration or config: "
                              f"{type(err).__name__}: {err}") from err
         return cls(model, task, node_ids, tensors.get("tau"), means, config, losses, calibration,
-                   solved, [tuple(p) for p in doc.get("bisection", [])], doc.get("seconds", 0.0), data)
+                   solved, [tuple(p) for p in doc.get("bisection", [])], doc.get("seconds", 0.0), data,
+                   tensors.get("ablation_values"))
 
 
 def _field_reader(doc: dict, source: Path):

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+ABLATION_CHOICES = ("mean", "zero", "task_mean", "resample")  # sparse_lens.ablation.ABLATION_MODES
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-loss", type=float, default=None)
     p.add_argument("--k-coef", type=float, default=None, help="penalty per kept node")
     p.add_argument("--calibrate", action="store_true", help="fit a logit scale and bias (LBFGS)")
+    p.add_argument("--ablation", default=None, choices=ABLATION_CHOICES,
+                   help="what pruned nodes take: mean over the corpus (default), zero, the task's "
+                   "own mean, or another task prompt's activation (resample)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--no-verify", action="store_true", help="skip the verification table")
@@ -79,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reaches the paper's 0.15 on no task; a task the full model misses gets no circuit)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    add_faithfulness_parser(sub)
 
     r = sub.add_parser("report", help="write one offline HTML report of a model's pruned circuits",
                        description="Load the circuits saved by `prune` and write a self-contained "
@@ -126,6 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bridges_parser(sub)
     return parser
+
+
+def add_faithfulness_parser(sub) -> None:
+    f = sub.add_parser("faithfulness", help="check whether circuits can be trusted (controls, "
+                       "partial restoration, interchange, ablation modes)",
+                       description="For each task: load the circuit saved in --circuits (or prune "
+                       "one and save it there), run the faithfulness checks, print the table and "
+                       "write it as <circuit>/faithfulness.csv and <out>/<task>.csv.")
+    f.add_argument("--model", type=Path, required=True, help="model directory (from `train`)")
+    f.add_argument("--task", default="all", help="a task name, or all (default)")
+    f.add_argument("--circuits", type=Path, default=None,
+                   help="directory of saved circuits (default <model>/circuits)")
+    f.add_argument("--out", type=Path, default=None, help="where the tables go (default --circuits)")
+    f.add_argument("--target-loss", type=float, default=None, help="for circuits pruned here")
+    f.add_argument("--steps", type=int, default=None, help="mask-optimisation steps, for circuits pruned here")
+    f.add_argument("--ablation", default=None, choices=ABLATION_CHOICES, help="for circuits pruned here")
+    f.add_argument("--n", type=int, default=None, help="held-out prompts (default 128)")
+    f.add_argument("--draws", type=int, default=None, help="partial-restoration draws (default 16)")
+    f.add_argument("--control-steps", type=int, default=None,
+                   help="optimisation steps of the control searches (default: the circuit's)")
+    f.add_argument("--no-controls", action="store_true", help="skip the nonsense and random-model searches")
+    f.add_argument("--seed", type=int, default=None)
+    f.add_argument("--device", default=None, help="cpu (default) or cuda")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=cmd_faithfulness)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -191,7 +223,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         get_spec(task)  # an unknown name: ValueError listing the known ones
     model = SparseHookedTransformer.from_pretrained(args.model, device=args.device)
     fields = dict(steps=args.steps, target_loss=args.target_loss, k_coef=args.k_coef, seed=args.seed,
-                  level=args.level, source=args.source)
+                  level=args.level, source=args.source, ablation=args.ablation)
     config = PruneConfig(**{k: v for k, v in fields.items() if v is not None},
                          calibrate=args.calibrate, progress=not args.no_progress)
     out = args.out or args.model / "circuits"
@@ -216,6 +248,53 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_faithfulness(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from sparse_lens.circuit import CIRCUIT_FILE, Circuit
+    from sparse_lens.faithfulness import FaithfulnessConfig, summary
+    from sparse_lens.hooks import node_means_for
+    from sparse_lens.model import SparseHookedTransformer
+    from sparse_lens.pruning import PruneConfig, prune
+    from sparse_lens.tasks import get_spec, list_tasks
+
+    tasks = list_tasks() if args.task == "all" else [args.task]
+    for task in tasks:
+        get_spec(task)
+    checks = {k: v for k, v in dict(n=args.n, draws=args.draws, control_steps=args.control_steps,
+                                     seed=args.seed).items() if v is not None}
+    config = FaithfulnessConfig(**checks, controls=not args.no_controls)
+    model = SparseHookedTransformer.from_pretrained(args.model, device=args.device)
+    circuits_dir = args.circuits or args.model / "circuits"
+    out = args.out or circuits_dir
+    out.mkdir(parents=True, exist_ok=True)
+    fields = dict(steps=args.steps, target_loss=args.target_loss, ablation=args.ablation)
+    prune_config = PruneConfig(**{k: v for k, v in fields.items() if v is not None},
+                               progress=not args.no_progress)
+    means = node_means_for(model, args.model, n_tokens=prune_config.mean_tokens)
+    tables = []
+    for task in tasks:
+        if (circuits_dir / task / CIRCUIT_FILE).is_file():
+            circuit = Circuit.load(circuits_dir / task, model)
+        else:
+            circuit = prune(model, task, prune_config, means=means)
+            circuit.save(circuits_dir / task)
+        print(circuit)
+        if circuit.full_model_misses_target:
+            print("  no circuit to check: the full model misses the target\n")
+            continue
+        table = circuit.faithfulness(config)
+        table.to_csv(circuits_dir / task / "faithfulness.csv", index=False)
+        table.to_csv(out / f"{task}.csv", index=False)
+        print(table.drop(columns=["detail"]).round(4).to_string(index=False))
+        print(f"  {summary(table)}\n")
+        tables.append(table.assign(task=task, nodes=circuit.n_nodes))
+    if tables:
+        pd.concat(tables).to_csv(out / "summary.csv", index=False)
+        print(f"tables written to {out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from sparse_lens.circuit import CIRCUIT_FILE, Circuit
     from sparse_lens.model import SparseHookedTransformer
@@ -228,6 +307,11 @@ def cmd_report(args: argparse.Namespace) -> int:
                                 f"{CIRCUIT_FILE}); run `sparse-lens prune --model {args.model}` first")
     model = SparseHookedTransformer.from_pretrained(args.model, device=args.device)
     circuits = [Circuit.load(path, model) for path in found]
+    for path, circuit in zip(found, circuits):  # written by `sparse-lens faithfulness`
+        if (path / "faithfulness.csv").is_file():
+            import pandas as pd
+
+            circuit.faithfulness_table = pd.read_csv(path / "faithfulness.csv")
     out = write_report(model, circuits, args.out or args.model / "report.html",
                        title=f"Circuits of {args.model.resolve().name}", n_prompts=args.prompts,
                        corpus_files=args.corpus_files, verify_n=args.verify_prompts)

@@ -15,6 +15,10 @@ The paper's method (Gao et al. 2025, section 2.2), on the hooks of `sparse_lens.
 
 The task loss is the per-example mean of binary cross-entropy over the two candidate logits at
 the final position (`tasks.task_loss`); the 0.15 target applies to that mean.
+
+Pruned nodes take their mean over the pretraining corpus by default; `ablation=` picks another
+mode (`zero`, `task_mean`, `resample`: see `sparse_lens.ablation`), used by the optimisation and
+the bisection alike, and recorded in the circuit's config.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from sparse_lens import tasks
-from sparse_lens.hooks import NodeRegistry, masked_nodes, node_means_for
+from sparse_lens.ablation import Ablation, ablated_nodes, check_mode
+from sparse_lens.hooks import NodeRegistry, node_means_for
 from sparse_lens.tasks import final_logits
 
 
@@ -57,6 +62,8 @@ class PruneConfig:
     source: str = "generated"  # or "corpus": real instances (`tasks.CORPUS_TASKS` only)
     seed: int = 0
     mean_tokens: int = 1 << 16  # tokens the node means average over (if not cached)
+    ablation: str = "mean"  # what pruned nodes take: mean, zero, task_mean, resample
+    force_search: bool = False  # search even when the full model misses the target (controls)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -73,6 +80,10 @@ class PruneConfig:
                              f"{tasks.SOURCES}; got {self.level!r}, {self.source!r}")
         if not -1.0 <= self.init_tau <= 1.0:
             raise ValueError(f"PruneConfig.init_tau must be in [-1, 1]; got {self.init_tau!r}")
+        try:
+            check_mode(self.ablation)
+        except ValueError as err:
+            raise ValueError(f"PruneConfig.ablation: {err}") from None
 
 
 def heaviside_ste(tau: Float[torch.Tensor, " n"]) -> Float[torch.Tensor, " n"]:
@@ -83,7 +94,8 @@ def heaviside_ste(tau: Float[torch.Tensor, " n"]) -> Float[torch.Tensor, " n"]:
 
 def final_logit_pairs(model, data, masker=None, mask=None, batch_size: int = 128):
     """`[n, 2]` logits (correct, contrast) at each example's final position, in batches,
-    without gradients. With `masker`, `mask` is set on it first."""
+    without gradients. With `masker`, `mask` (if given) is set on it first and the batches run
+    through it (`masker.logits`: resampling needs the batch)."""
     if masker is not None and mask is not None:
         masker.mask = mask
     order = _by_length(data)
@@ -92,7 +104,8 @@ def final_logit_pairs(model, data, masker=None, mask=None, batch_size: int = 128
         for start in range(0, len(data), batch_size):
             rows = order[start:start + batch_size]
             part = data[rows]  # trimmed to its longest prompt: similar lengths batch together
-            out[rows.to(out.device)] = _pairs(model(part.tokens), part).to(out.dtype)
+            logits = masker.logits(model, part) if masker is not None else model(part.tokens)
+            out[rows.to(out.device)] = _pairs(logits, part).to(out.dtype)
     return out
 
 
@@ -170,11 +183,13 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
     at `config.level` from `config.source`; optimised on its train split, the circuit size
     searched on other train examples) or a hand-made `TaskData` (used for both).
 
-    `means`: per-node means (default: loaded from / cached in `model_dir`, else computed on the
-    standard library). Keyword overrides update `config`, e.g. `prune(model, "with_as",
-    steps=50)`. Returns a `Circuit` (see `Circuit.verify`). If the full model misses the target
-    on the evaluation examples, nothing is optimised: the circuit keeps every node and
-    `solved` is False."""
+    `means`: per-node means over the pretraining corpus (default: loaded from / cached in
+    `model_dir`, else computed on the standard library). Keyword overrides update `config`, e.g.
+    `prune(model, "with_as", steps=50, ablation="zero")`. Returns a `Circuit` (see
+    `Circuit.verify`). If the full model misses the target on the evaluation examples, nothing is
+    optimised: the circuit keeps every node and `solved` is False. With `force_search` (the
+    faithfulness controls) the search runs anyway, and the bisection looks for the smallest
+    circuit within the optimised mask's own nodes (more nodes than that do worse)."""
     from sparse_lens.circuit import Circuit
 
     config = dataclasses.replace(config or PruneConfig(), **overrides)
@@ -195,15 +210,23 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
     was_training = model.training
     model.eval()
     try:
-        with masked_nodes(model, registry, torch.ones(registry.n_nodes), means) as masker:
-            full_pairs = final_logit_pairs(model, eval_data)
-            if pair_loss(full_pairs) > config.target_loss:
+        ablation = Ablation.build(config.ablation, model, means, train_data, seed=config.seed)
+        with ablated_nodes(model, registry, torch.ones(registry.n_nodes), ablation) as masker:
+            full_pairs = final_logit_pairs(model, eval_data, masker)
+            full_misses = pair_loss(full_pairs) > config.target_loss
+            if full_misses and not config.force_search:
                 # the full model does not solve the task: report it, do not force a circuit
                 tau, kept, curve = None, torch.arange(registry.n_nodes), []
             else:
                 tau = _optimise_taus(model, masker, train_data, registry, config)
                 order = torch.argsort(tau.detach().cpu(), descending=True, stable=True)
-                n_kept, curve = _search(model, masker, eval_data, order, registry, config)
+                if full_misses or config.ablation == "resample":
+                    # the controls' search within the optimised nodes; resampling needs the
+                    # masker's own batches, which the exact search's stacked rows are not
+                    limit = int((tau > 0).sum()) if full_misses else None
+                    n_kept, curve = _bisect(model, masker, eval_data, order, registry, config, limit)
+                else:
+                    n_kept, curve = _search(model, masker, eval_data, order, registry, config)
                 kept = order[:n_kept]
             mask = torch.zeros(registry.n_nodes)
             mask[kept] = 1.0
@@ -218,6 +241,7 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
         means=means.detach().cpu(), config=config, losses=losses, calibration=calibration,
         solved=full_loss <= config.target_loss and losses["circuit"] <= config.target_loss,
         bisection=curve, seconds=time.perf_counter() - start, data=custom,
+        ablation_values=None if config.ablation == "mean" else ablation.values.detach().cpu(),
     )
 
 
@@ -244,7 +268,7 @@ def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneCon
             batch = data[order[start:start + config.batch_size]]
             mask = heaviside_ste(tau)
             masker.mask = mask
-            task_loss = tasks.task_loss(model(batch.tokens), batch)
+            task_loss = tasks.task_loss(masker.logits(model, batch), batch)
             loss = task_loss + config.k_coef * mask.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -326,7 +350,7 @@ def _search(model, masker, data, order, registry: NodeRegistry, config: PruneCon
     assumes the calibrated loss falls as nodes are added). Returns `n` and the evaluated
     `(n, loss)` points. If even all nodes miss the target, returns all nodes."""
     if config.calibrate:
-        return _bisect_calibrated(model, masker, data, order, registry, config)
+        return _bisect(model, masker, data, order, registry, config)
     device = model.cfg.device
     curve: dict[int, float] = {}
 
@@ -352,9 +376,12 @@ def _search(model, masker, data, order, registry: NodeRegistry, config: PruneCon
     return (n_all if n is None else n), sorted(curve.items())
 
 
-def _bisect_calibrated(model, masker, data, order, registry: NodeRegistry, config: PruneConfig):
-    """Step 3 with calibration: bisect the number kept (each point fits its own calibration,
-    so losses cannot be bounded early); assumes the loss falls as nodes are added."""
+def _bisect(model, masker, data, order, registry: NodeRegistry, config: PruneConfig,
+            limit: int | None = None):
+    """Step 3: the smallest `n` <= `limit` (default: all nodes) such that keeping the `n`
+    highest-tau nodes gives task loss <= target (assuming the loss falls as nodes are added up
+    to `limit`). Returns `n` and the evaluated `(n, loss)` points. If even `limit` nodes miss
+    the target, returns all nodes."""
     device = model.cfg.device
     calibrate = config.calibrate
     curve: dict[int, float] = {}
@@ -368,9 +395,9 @@ def _bisect_calibrated(model, masker, data, order, registry: NodeRegistry, confi
             curve[n] = _loss(pairs, data, cal)
         return curve[n]
 
-    lo, hi = 0, registry.n_nodes  # invariant: loss_at(hi) <= target or hi == n_nodes
+    lo, hi = 0, registry.n_nodes if limit is None else limit  # invariant: loss_at(hi) <= target
     if loss_at(hi) > config.target_loss:
-        return hi, sorted(curve.items())
+        return registry.n_nodes, sorted(curve.items())
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if loss_at(mid) <= config.target_loss:

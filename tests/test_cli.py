@@ -113,3 +113,23 @@ def test_train_refuses_to_replace_a_run_and_resume_alone_continues_it(tmp_path, 
     assert cli.main(["train", "--out", run, "--steps", "6", "--resume"]) == 2
     assert "train.steps: saved 4, given 6" in capsys.readouterr().err
     assert cli.main(["train", "--out", run, "--steps", "4", "--overwrite", *common]) == 0
+
+
+def test_faithfulness_prunes_checks_and_writes_the_tables(model_dir, tmp_path, capsys):
+    circuits, out = tmp_path / "circuits", tmp_path / "tables"
+    assert cli.main(["faithfulness", "--model", str(model_dir), "--task", "with_as", "--circuits",
+                     str(circuits), "--out", str(out), "--target-loss", "5", "--steps", "3",
+                     "--ablation", "zero", "--n", "16", "--draws", "2", "--no-controls",
+                     "--no-progress"]) == 0
+    table = pd.read_csv(out / "with_as.csv")
+    assert list(table.check)[0] == "partial restoration (median loss)"
+    assert table.check.str.startswith("ablation: ").sum() == 4
+    assert (circuits / "with_as" / "faithfulness.csv").is_file()
+    model = SparseHookedTransformer.from_pretrained(model_dir)
+    assert Circuit.load(circuits / "with_as", model).ablation_mode == "zero"
+    assert "checks pass" in capsys.readouterr().out
+    # the untrained model misses the default target: said, and no table
+    assert cli.main(["faithfulness", "--model", str(model_dir), "--task", "for_while", "--circuits",
+                     str(circuits), "--out", str(out), "--steps", "3", "--no-progress"]) == 0
+    assert "no circuit to check" in capsys.readouterr().out
+    assert not (out / "for_while.csv").exists()

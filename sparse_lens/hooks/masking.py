@@ -61,6 +61,11 @@ class NodeMasker:
         apply_mask.__name__ = f"sparse_lens_mask[{hook_name}]"
         return apply_mask
 
+    def logits(self, model, data) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        """The model's logits on a `TaskData` batch under the current mask. Subclasses that need
+        the batch itself (resampling takes other prompts' activations) override this."""
+        return model(data.tokens)
+
 
 @contextmanager
 def masked_nodes(
@@ -77,11 +82,18 @@ def masked_nodes(
 
     Only the hooks added here are removed on exit; the user's own hooks stay."""
     means = means.to(model.cfg.device)
-    masker = NodeMasker(registry, mask.to(model.cfg.device), means)
+    with attached(model, NodeMasker(registry, mask.to(model.cfg.device), means)) as masker:
+        yield masker
+
+
+@contextmanager
+def attached(model, masker: NodeMasker) -> Iterator[NodeMasker]:
+    """Register `masker`'s hook at every node site of `model`; remove exactly those hooks on
+    exit, exception or not (the user's own hooks stay)."""
     hook_points = model.hook_dict
     added = []
     try:
-        for site in registry.sites:
+        for site in masker.registry.sites:
             point = hook_points[site.hook_name]
             point.add_hook(masker.hook_for(site.hook_name), dir="fwd")
             added.append((point, point.fwd_hooks[-1]))

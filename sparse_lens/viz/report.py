@@ -3,7 +3,8 @@
 The page inlines the circuitsvis bundle once (in `<head>`) and embeds each view's fragment, so it
 opens offline from that single file: no script, stylesheet or font comes from a network.
 One `<section class="sl-circuit">` per circuit: the task's description, then the circuit graph,
-the tables (summary, verification, nodes, edges), the attention heads and the neurons/channels.
+the tables (summary, verification, faithfulness when it was run, nodes, edges), the attention
+heads and the neurons/channels.
 """
 
 from __future__ import annotations

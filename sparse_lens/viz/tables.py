@@ -35,6 +35,7 @@ def tables_view(circuit, max_nodes: int = 500, max_edges: int = 500, verify_n: i
         "else mean-ablated), the model with the circuit's nodes ablated, and random node sets of "
         "the circuit's size.</p>",
         html_table(verification),
+        faithfulness_html(circuit),
         f"<h4>Nodes ({circuit.n_nodes:,})</h4>",
         _cap_note(len(nodes), max_nodes, "nodes", "in node order"),
         html_table(nodes[node_columns].head(max_nodes)),
@@ -45,6 +46,27 @@ def tables_view(circuit, max_nodes: int = 500, max_edges: int = 500, verify_n: i
         html_table(edges.head(max_edges)),
     ]
     return View(f"Tables of the circuit ({circuit.task})", "\n".join(parts))
+
+
+def faithfulness_html(circuit) -> str:
+    """The circuit's faithfulness table (`circuit.faithfulness_table`, from `faithfulness()` or
+    `sparse-lens faithfulness`) with how to read it; a note saying how to get it when missing."""
+    table = getattr(circuit, "faithfulness_table", None)
+    head = "<h4>Faithfulness</h4>"
+    if table is None:
+        return (head + '<p class="sl-note">Not run for this circuit: <code>circuit.faithfulness()'
+                "</code> or <code>sparse-lens faithfulness --model DIR --task "
+                f"{html.escape(circuit.task)}</code> adds the checks here.</p>")
+    flagged = table[table.passed.notna() & (table.passed.astype(str) == "False")].check.tolist()
+    verdict = (f"Flagged by: {', '.join(map(str, flagged))}." if flagged
+               else "Every check that ran passes.")
+    return (head + '<p class="sl-note">Can the circuit be trusted beyond mean ablation? Controls '
+            "(the same search on shuffled answers and on a freshly initialised model: a circuit "
+            "as small there makes the size meaningless), partial restoration (half the pruned "
+            "nodes back: a faithful circuit keeps its loss), interchange (the circuit's nodes "
+            "patched from a prompt of the other class: the answer should follow), and the "
+            f"circuit's loss under each ablation mode. {html.escape(verdict)}</p>"
+            + html_table(table))
 
 
 def sorted_edges(edges: pd.DataFrame) -> pd.DataFrame:
