@@ -281,7 +281,7 @@ def report_breakdown(runs: dict, cfg, tc, batches: list[torch.Tensor], corpus_to
     phases: dict[str, list] = {"old": [], "new": []}
     for i in range(5):
         for version in ("old", "new"):
-            phases[version].append(time_phases(model, optimizer, batches[i], tc, version == "old")
+            phases[version].append(time_phases(model, optimizer, batches[i % len(batches)], tc, version == "old")
                                    | time_kernels(cfg, batch, seq, version == "old"))
     _print_table("sparse step, per op (medians of 5, interleaved):",
                  _medians(phases["old"]), _medians(phases["new"]))
