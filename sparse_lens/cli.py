@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, default=None)
     t.add_argument("--lr", type=float, default=None, help="base learning rate (before 1/sqrt(L0))")
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--device", default=None, help="cpu (default) or cuda")
+    t.add_argument("--device", default=None, help="cpu (default) or cuda (under torchrun: one GPU a process)")
+    t.add_argument("--dtype", default=None, choices=["float32", "bf16"],
+                   help="float32 (default), or bf16: the forward pass under bfloat16 autocast (for CUDA)")
     t.add_argument("--sources", nargs="+", default=None,
                    help="directories, files or globs of .py files (default: the standard library)")
     t.add_argument("--max-files", type=int, default=None, help="use a deterministic subset of files")
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run even if --out already holds a model (replaces it)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
+    t.epilog = ("Data-parallel: torchrun --standalone --nproc_per_node=N -m sparse_lens train ... "
+                "(--batch-size is then per process; the global batch is N times it).")
 
     p = sub.add_parser("prune", help="prune a trained model to the circuit of a task (or all)",
                        description="Prune a model to the smallest set of nodes that solves a task, "
@@ -120,8 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
+    from sparse_lens import distributed
 
+    ranks = distributed.init_from_env(args.device or "cpu")  # a single process without torchrun
+    try:
+        return _train_command(args, ranks)
+    finally:
+        distributed.shutdown()
+
+
+def _train_command(args: argparse.Namespace, ranks) -> int:
+    import dataclasses
+    import logging
+
+    from sparse_lens import distributed
     from sparse_lens.config import SparseHookedTransformerConfig
     from sparse_lens.training import NonFiniteLossError, TrainConfig, TrainingInterrupted, saved_configs, train
 
@@ -131,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dense:
         overrides["weight_l0"] = 1.0
     tc_fields = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                     lr=args.lr, seed=args.seed, device=args.device, sources=args.sources,
+                     lr=args.lr, seed=args.seed, device=args.device, dtype=args.dtype, sources=args.sources,
                      max_files=args.max_files, eval_every=args.eval_every,
                      checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every)
     tc_fields = {k: v for k, v in tc_fields.items() if v is not None}
@@ -144,9 +160,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_cfg = SparseHookedTransformerConfig.preset(preset, **overrides)
         tc = TrainConfig(**tc_fields)
     kind = "dense baseline" if not model_cfg.is_weight_sparse else f"weight L0 {model_cfg.weight_l0:.4g}"
-    print(f"{'resuming' if args.resume else 'training'} {preset if not args.resume else out} ({kind}) "
+    say = print if ranks.is_main else (lambda *a, **k: None)
+    if not ranks.is_main:
+        logging.getLogger("sparse_lens").setLevel(logging.WARNING)
+    parallel = (f" on each of {ranks.world_size} processes (global batch {tc.batch_size * ranks.world_size})"
+                if ranks.distributed else "")
+    say(f"{'resuming' if args.resume else 'training'} {preset if not args.resume else out} ({kind}) "
           f"for {tc.steps} steps of {tc.batch_size} x {tc.seq_len or model_cfg.n_ctx} tokens on "
-          f"{'the standard library' if not tc.sources else tc.sources}")
+          f"{'the standard library' if not tc.sources else tc.sources}{parallel}")
     try:
         result = train(model_cfg, tc, out, resume=args.resume, progress=not args.no_progress,
                        overwrite=args.overwrite)
@@ -156,7 +177,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         print(f"sparse-lens train: {err}", file=sys.stderr)
         return 130
+    if ranks.distributed:  # every rank: the test (and a user) can see they hold the same weights
+        print(f"rank {ranks.rank}/{ranks.world_size}: weights checksum "
+              f"{int(distributed.weights_checksum(result.model)):#x}", flush=True)
     table = result.model.weight_sparsity()
+    if not ranks.is_main:
+        return 0
     print(f"saved to {result.out_dir}")
     print(f"validation loss {result.val_loss:.4f} nats/token "
           f"(unigram baseline {result.unigram_val_loss:.4f}); {result.seconds:.0f} s")
