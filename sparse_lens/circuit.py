@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 
 from sparse_lens.hooks import NodeRegistry, keep_mask_from_ids, masked_nodes
+from sparse_lens.sparse_kernels import sparse_matmuls
 
 CIRCUIT_FILE = "circuit.json"
 TENSORS_FILE = "circuit.safetensors"
@@ -124,7 +125,8 @@ class Circuit:
     def run(self, tokens: Int[torch.Tensor, "batch pos"] | str, **forward_kwargs):
         """The model's output with every node outside the circuit replaced by its mean (and the
         calibration, if pruning fitted one, applied to the logits)."""
-        with masked_nodes(self.model, self.registry, self.mask, self.means):
+        with sparse_matmuls(self.model, "auto"), \
+                masked_nodes(self.model, self.registry, self.mask, self.means):
             out = self.model(tokens, **forward_kwargs)
         if self.calibration is not None and isinstance(out, torch.Tensor) and out.ndim == 3:
             out = self.calibration.apply_logits(out)
@@ -144,7 +146,8 @@ class Circuit:
         was_training = model.training
         model.eval()
         try:
-            with masked_nodes(model, reg, torch.ones(reg.n_nodes), self.means) as masker:
+            with sparse_matmuls(model, "auto"), \
+                    masked_nodes(model, reg, torch.ones(reg.n_nodes), self.means) as masker:
                 def evaluate(mask, calibrate=False):
                     pairs = final_logit_pairs(model, data, masker, mask.to(model.cfg.device))
                     if calibrate and self.calibration is not None:

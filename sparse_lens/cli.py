@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a model to the smallest set of nodes that solves a task, "
                        "everything else mean-ablated; save each circuit and a summary table.")
     p.add_argument("--model", type=Path, required=True, help="model directory (from `train`)")
-    p.add_argument("--task", default="all", help="a task name, or all (default)")
+    p.add_argument("--task", nargs="+", default=["all"], help="task names, or all (default)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default <model>/circuits)")
     p.add_argument("--steps", type=int, default=None, help="mask-optimisation steps")
     p.add_argument("--target-loss", type=float, default=None)
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--no-verify", action="store_true", help="skip the verification table")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="prune tasks in N processes (with --device cuda, spread over the GPUs); "
+                   "the circuits are those of the serial run")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prune)
 
@@ -197,34 +200,23 @@ def _train_command(args: argparse.Namespace, ranks) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from sparse_lens.hooks import node_means_for
-    from sparse_lens.model import SparseHookedTransformer
-    from sparse_lens.pruning import PruneConfig, prune
+    from sparse_lens.prune_jobs import prune_tasks
+    from sparse_lens.pruning import PruneConfig
     from sparse_lens.tasks import get_spec, list_tasks
 
-    tasks = list_tasks() if args.task == "all" else [args.task]
+    tasks = list_tasks() if args.task == ["all"] else list(dict.fromkeys(args.task))
     for task in tasks:
         get_spec(task)  # an unknown name: ValueError listing the known ones
-    model = SparseHookedTransformer.from_pretrained(args.model, device=args.device)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
     fields = dict(steps=args.steps, target_loss=args.target_loss, k_coef=args.k_coef, seed=args.seed)
     config = PruneConfig(**{k: v for k, v in fields.items() if v is not None},
                          calibrate=args.calibrate, progress=not args.no_progress)
     out = args.out or args.model / "circuits"
-    means = node_means_for(model, args.model, n_tokens=config.mean_tokens)
-    rows = []
-    for task in tasks:
-        circuit = prune(model, task, config, means=means)
-        circuit.save(out / task)
-        print(circuit)
-        row = circuit.summary()
-        if not args.no_verify and not circuit.full_model_misses_target:
-            table = circuit.verify().set_index("condition")
-            print(table.round(4).to_string())
-            row.update(ablated_loss=table.loc["circuit ablated", "task_loss"],
-                       random_loss=table.iloc[-1]["task_loss"])
-        rows.append(row)
-        print()
-    summary = pd.DataFrame(rows)
+    outcomes = prune_tasks(args.model, tasks, config, out, verify=not args.no_verify,
+                           device=args.device, jobs=args.jobs,
+                           on_done=lambda outcome: print(outcome.report + "\n"))
+    summary = pd.DataFrame([o.row for o in outcomes])
     summary.to_csv(out / "summary.csv", index=False)
     print(summary.round(4).to_string(index=False))
     print(f"circuits and summary.csv written to {out}")

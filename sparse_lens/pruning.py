@@ -27,6 +27,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from sparse_lens import tasks
+from sparse_lens.sparse_kernels import sparse_matmuls
 from sparse_lens.hooks import NodeRegistry, masked_nodes, node_means_for
 from sparse_lens.tasks import final_logits
 
@@ -48,6 +49,9 @@ class PruneConfig:
     seed: int = 0
     mean_tokens: int = 1 << 16  # tokens the node means average over (if not cached)
     progress: bool = True
+    # CSR matmuls for the frozen weights (`sparse_kernels.sparse_matmuls`): True, False, or
+    # "auto" = only where measured faster (achieved density <= sparse_kernels.AUTO_MAX_DENSITY)
+    sparse_kernels: bool | str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "n_train", "n_eval", "mean_tokens"):
@@ -57,6 +61,8 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.target_loss must be > 0; got {self.target_loss!r}")
         if not (self.k_coef >= 0 and self.lr > 0 and self.grad_clip > 0):
             raise ValueError("PruneConfig.k_coef must be >= 0, lr and grad_clip > 0")
+        if self.sparse_kernels not in (True, False, "auto"):
+            raise ValueError(f"PruneConfig.sparse_kernels must be True, False or 'auto'; got {self.sparse_kernels!r}")
         if not -1.0 <= self.init_tau <= 1.0:
             raise ValueError(f"PruneConfig.init_tau must be in [-1, 1]; got {self.init_tau!r}")
 
@@ -167,7 +173,8 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
     start = time.perf_counter()
     registry = NodeRegistry.for_model(model)
     if means is None:
-        means = node_means_for(model, model_dir, n_tokens=config.mean_tokens)
+        means = node_means_for(model, model_dir, n_tokens=config.mean_tokens,
+                               sparse_kernels=config.sparse_kernels)
     device = model.cfg.device
     if isinstance(task, str):
         name, custom = task, None
@@ -180,7 +187,8 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
     was_training = model.training
     model.eval()
     try:
-        with masked_nodes(model, registry, torch.ones(registry.n_nodes), means) as masker:
+        with sparse_matmuls(model, config.sparse_kernels), \
+                masked_nodes(model, registry, torch.ones(registry.n_nodes), means) as masker:
             full_pairs = final_logit_pairs(model, eval_data)
             if pair_loss(full_pairs) > config.target_loss:
                 # the full model does not solve the task: report it, do not force a circuit

@@ -27,10 +27,14 @@ def compute_node_means(
     batch_size: int = 16,
     seq_len: int | None = None,
     seed: int = 0,
+    sparse_kernels: bool | str = "auto",
 ) -> Float[torch.Tensor, " n_nodes"]:
     """Mean activation of every node over `n_tokens` tokens (rounded up to whole batches) of
-    random windows of the token stream `tokens` (e.g. `corpus.train`). Sums in float64."""
+    random windows of the token stream `tokens` (e.g. `corpus.train`). Sums in float64.
+    `sparse_kernels`: CSR matmuls (`sparse_lens.sparse_kernels.sparse_matmuls`; "auto" = where
+    measured faster)."""
     from sparse_lens.data import sample_batch
+    from sparse_lens.sparse_kernels import sparse_matmuls
 
     seq_len = seq_len or model.cfg.n_ctx
     if n_tokens < 1:
@@ -43,11 +47,12 @@ def compute_node_means(
 
     hooks = [(s.hook_name, accumulate) for s in registry.sites]
     seen, step = 0, 0
-    while seen < n_tokens:
-        batch = sample_batch(tokens, batch_size, seq_len, step, seed).to(model.cfg.device)
-        model.run_with_hooks(batch, return_type=None, fwd_hooks=hooks)
-        seen += batch.numel()
-        step += 1
+    with sparse_matmuls(model, sparse_kernels):
+        while seen < n_tokens:
+            batch = sample_batch(tokens, batch_size, seq_len, step, seed).to(model.cfg.device)
+            model.run_with_hooks(batch, return_type=None, fwd_hooks=hooks)
+            seen += batch.numel()
+            step += 1
     flat = torch.cat([sums[s.hook_name].flatten() for s in registry.sites]) / seen
     return flat.to(model.cfg.dtype)
 
@@ -74,7 +79,8 @@ def load_node_means(model_dir: str | Path, registry: NodeRegistry) -> Float[torc
     return means
 
 
-def node_means_for(model, model_dir: str | Path | None = None, tokens=None, n_tokens: int = 1 << 16):
+def node_means_for(model, model_dir: str | Path | None = None, tokens=None, n_tokens: int = 1 << 16,
+                   sparse_kernels: bool | str = "auto"):
     """The model's node means: loaded from `model_dir` if saved there, else computed on
     `tokens` (default: the standard-library training stream) and saved to `model_dir`."""
     registry = NodeRegistry.for_model(model)
@@ -86,7 +92,7 @@ def node_means_for(model, model_dir: str | Path | None = None, tokens=None, n_to
         from sparse_lens.data import default_cache_dir, load_corpus
 
         tokens = load_corpus(None, model.tokenizer, cache_dir=default_cache_dir()).train
-    means = compute_node_means(model, registry, tokens, n_tokens=n_tokens)
+    means = compute_node_means(model, registry, tokens, n_tokens=n_tokens, sparse_kernels=sparse_kernels)
     if model_dir is not None:
         save_node_means(means, model_dir, n_tokens)
     return means
