@@ -20,8 +20,9 @@ Gradients flow to the activations (and so to masks on them) through a custom aut
 swapped weights do not require grad, and they must not change (the context checks on exit).
 
 `"auto"` (the default of `prune`, node means and circuit runs) uses CSR only where it was
-measured faster: when the sparsified matrices' achieved density is at most
-`AUTO_MAX_DENSITY` (see `benchmarks/bench_sparse_kernels.py`).
+measured faster: on CPU, when the sparsified matrices' achieved density is at most
+`AUTO_MAX_DENSITY` (see `benchmarks/bench_sparse_kernels.py`). On CUDA, `True` works
+(cuSPARSE) but is unmeasured, so "auto" keeps the dense path there.
 """
 
 from __future__ import annotations
@@ -177,8 +178,9 @@ def use_csr(model, mode: bool | str = "auto") -> bool:
     """Whether `mode` (True, False or "auto") runs `model` with CSR matmuls."""
     if mode not in (True, False, "auto"):
         raise ValueError(f"sparse kernels mode must be True, False or 'auto'; got {mode!r}")
-    if mode == "auto":
-        return sparsified_density(model) <= AUTO_MAX_DENSITY
+    if mode == "auto":  # measured on CPU only: on a GPU the dense path stays the default
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return on_cpu and sparsified_density(model) <= AUTO_MAX_DENSITY
     return bool(mode)
 
 
