@@ -100,20 +100,41 @@ def compare(name: str, model, eval_shape, prune_shape, repeats: int) -> None:
           f"diff| {float((grads_dense - grads_csr).abs().max()):.2e}")
 
 
+def matmul_sweep(repeats: int, n_tokens: int = 512, shape=(2048, 8192)) -> None:
+    """The product alone: x [n_tokens, d_in] @ W [d_in, d_out] dense vs CSR, W at several
+    densities (what the model's products gain, before AbsTopK and attention are counted)."""
+    from sparse_lens.sparse_kernels import CSRWeight, sparse_matmuls  # noqa: F401 (the class runs it)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n_tokens, shape[0], generator=gen)
+    print(f"the product alone: [{n_tokens}, {shape[0]}] @ [{shape[0]}, {shape[1]}]")
+    for density in (1 / 16, 1 / 64, 1 / 256, 1 / 1000):
+        w = torch.randn(*shape, generator=gen)
+        w = w * (torch.rand(*shape, generator=gen) < density)
+        csr = CSRWeight.wrap(w)
+        csr.csr(True)  # converted once, as in a context
+        dense_s = timed(lambda: x @ w, repeats)
+        csr_s = timed(lambda: torch.matmul(x, csr), repeats)
+        print(f"  density 1/{round(1 / density):<5d} dense {dense_s * 1e3:8.1f} ms   CSR "
+              f"{csr_s * 1e3:8.1f} ms   dense/CSR {dense_s / csr_s:6.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paper-layers", type=int, default=2, help="layers of the paper shape (8 = full)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", choices=["paper", "small"], default=None)
+    parser.add_argument("--only", choices=["paper", "small", "matmul"], default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.only != "small":
+    if args.only in (None, "matmul"):
+        matmul_sweep(args.repeats)
+    if args.only in (None, "paper"):
         model = build("paper", n_layers=args.paper_layers)
         compare(f"paper shape, {args.paper_layers} of 8 layers, L0 1/1000", model, (4, 256), (32, 64),
                 args.repeats)
         del model
-    if args.only != "paper":
+    if args.only in (None, "small"):
         compare("small preset, L0 1/16", build("small"), (8, 128), (32, 64), args.repeats)
 
 

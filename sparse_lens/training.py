@@ -37,6 +37,12 @@ torch build, CPU and thread count* (`torch.get_num_threads()`, recorded in the c
 threads split float reductions (matmuls, sums) differently, so 1, 2 or 4 threads give weights that
 differ in the last bits, and training amplifies that. On CUDA nothing is forced (cuBLAS needs
 `CUBLAS_WORKSPACE_CONFIG` set before it starts); GPU runs are not promised to be bitwise reproducible.
+
+Data-parallel. Under `torchrun` (see `sparse_lens.distributed`) `train` wraps the model in
+DistributedDataParallel, each rank trains on its rows of a global batch of `batch_size x world
+size`, rank 0 alone writes the run directory, and the ranks' weights are checked to stay bitwise
+equal. With one process nothing of that runs. `TrainConfig.dtype="bf16"` runs the forward pass
+under bfloat16 autocast (for GPUs).
 """
 
 from __future__ import annotations
