@@ -28,6 +28,7 @@ _EXPORTS = {
     "Circuit": "sparse_lens.circuit",
     "list_tasks": "sparse_lens.tasks",
     "get_task": "sparse_lens.tasks",
+    "sparse_matmuls": "sparse_lens.sparse_kernels",
 }
 _SUBPACKAGES = ("tasks", "hooks", "viz", "bridges", "analyses")
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from sparse_lens.checkpoint import CheckpointError
     from sparse_lens.circuit import Circuit
     from sparse_lens.pruning import PruneConfig, prune
+    from sparse_lens.sparse_kernels import sparse_matmuls
     from sparse_lens.tasks import get_task, list_tasks
     from sparse_lens.config import SparseHookedTransformerConfig
     from sparse_lens.data import load_corpus

@@ -34,6 +34,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 
 from sparse_lens.hooks import NodeRegistry, keep_mask_from_ids, masked_nodes
+from sparse_lens.sparse_kernels import sparse_matmuls
 
 CIRCUIT_FILE = "circuit.json"
 TENSORS_FILE = "circuit.safetensors"
@@ -152,7 +153,8 @@ class Circuit:
             raise ValueError(f"Circuit.run (task {self.task!r}): the input has {tokens.shape[-1]} "
                              f"tokens, more than the model's context n_ctx={self.model.cfg.n_ctx}")
         values = self.means if self.ablation_values is None else self.ablation_values
-        with masked_nodes(self.model, self.registry, self.mask, values):
+        with sparse_matmuls(self.model, "auto"), \
+                masked_nodes(self.model, self.registry, self.mask, values):
             out = self.model(tokens, **forward_kwargs)
         if self.calibration is not None and isinstance(out, torch.Tensor) and out.ndim == 3:
             out = self.calibration.apply_logits(out)
@@ -174,7 +176,8 @@ class Circuit:
         was_training = model.training
         model.eval()
         try:
-            with ablated_nodes(model, reg, torch.ones(reg.n_nodes), self.ablation) as masker:
+            with sparse_matmuls(model, "auto"), \
+                    ablated_nodes(model, reg, torch.ones(reg.n_nodes), self.ablation) as masker:
                 def evaluate(mask, calibrate=False):
                     pairs = final_logit_pairs(model, data, masker, mask.to(model.cfg.device))
                     if calibrate and self.calibration is not None:

@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, default=None)
     t.add_argument("--lr", type=float, default=None, help="base learning rate (before 1/sqrt(L0))")
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--device", default=None, help="cpu (default) or cuda")
+    t.add_argument("--device", default=None, help="cpu (default) or cuda (under torchrun: one GPU a process)")
+    t.add_argument("--dtype", default=None, choices=["float32", "bf16"],
+                   help="float32 (default), or bf16: the forward pass under bfloat16 autocast (for CUDA)")
     t.add_argument("--sources", nargs="+", default=None,
                    help="directories, files or globs of .py files (default: the standard library)")
     t.add_argument("--max-files", type=int, default=None, help="use a deterministic subset of files")
@@ -42,12 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run even if --out already holds a model (replaces it)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
+    t.epilog = ("Data-parallel: torchrun --standalone --nproc_per_node=N -m sparse_lens train ... "
+                "(--batch-size is then per process; the global batch is N times it).")
 
     p = sub.add_parser("prune", help="prune a trained model to the circuit of a task (or all)",
                        description="Prune a model to the smallest set of nodes that solves a task, "
                        "everything else mean-ablated; save each circuit and a summary table.")
     p.add_argument("--model", type=Path, required=True, help="model directory (from `train`)")
-    p.add_argument("--task", default="all", help="a task name, or all (default)")
+    p.add_argument("--task", nargs="+", default=["all"], help="task names, or all (default)")
     p.add_argument("--level", choices=("core", "hard"), default="core",
                    help="task level: core (default; the named behaviour) or hard (with distractors)")
     p.add_argument("--source", choices=("generated", "corpus"), default="generated",
@@ -64,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--no-verify", action="store_true", help="skip the verification table")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="prune tasks in N processes (with --device cuda, spread over the GPUs); "
+                   "the circuits are those of the serial run")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prune)
 
@@ -161,8 +168,20 @@ def add_faithfulness_parser(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
+    from sparse_lens import distributed
 
+    ranks = distributed.init_from_env(args.device or "cpu")  # a single process without torchrun
+    try:
+        return _train_command(args, ranks)
+    finally:
+        distributed.shutdown()
+
+
+def _train_command(args: argparse.Namespace, ranks) -> int:
+    import dataclasses
+    import logging
+
+    from sparse_lens import distributed
     from sparse_lens.config import SparseHookedTransformerConfig
     from sparse_lens.training import NonFiniteLossError, TrainConfig, TrainingInterrupted, saved_configs, train
 
@@ -172,7 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dense:
         overrides["weight_l0"] = 1.0
     tc_fields = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                     lr=args.lr, seed=args.seed, device=args.device, sources=args.sources,
+                     lr=args.lr, seed=args.seed, device=args.device, dtype=args.dtype, sources=args.sources,
                      max_files=args.max_files, eval_every=args.eval_every,
                      checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every)
     tc_fields = {k: v for k, v in tc_fields.items() if v is not None}
@@ -185,9 +204,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_cfg = SparseHookedTransformerConfig.preset(preset, **overrides)
         tc = TrainConfig(**tc_fields)
     kind = "dense baseline" if not model_cfg.is_weight_sparse else f"weight L0 {model_cfg.weight_l0:.4g}"
-    print(f"{'resuming' if args.resume else 'training'} {preset if not args.resume else out} ({kind}) "
+    say = print if ranks.is_main else (lambda *a, **k: None)
+    if not ranks.is_main:
+        logging.getLogger("sparse_lens").setLevel(logging.WARNING)
+    parallel = (f" on each of {ranks.world_size} processes (global batch {tc.batch_size * ranks.world_size})"
+                if ranks.distributed else "")
+    say(f"{'resuming' if args.resume else 'training'} {preset if not args.resume else out} ({kind}) "
           f"for {tc.steps} steps of {tc.batch_size} x {tc.seq_len or model_cfg.n_ctx} tokens on "
-          f"{'the standard library' if not tc.sources else tc.sources}")
+          f"{'the standard library' if not tc.sources else tc.sources}{parallel}")
     try:
         result = train(model_cfg, tc, out, resume=args.resume, progress=not args.no_progress,
                        overwrite=args.overwrite)
@@ -197,7 +221,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as err:
         print(f"sparse-lens train: {err}", file=sys.stderr)
         return 130
+    if ranks.distributed:  # every rank: the test (and a user) can see they hold the same weights
+        print(f"rank {ranks.rank}/{ranks.world_size}: weights checksum "
+              f"{int(distributed.weights_checksum(result.model)):#x}", flush=True)
     table = result.model.weight_sparsity()
+    if not ranks.is_main:
+        return 0
     print(f"saved to {result.out_dir}")
     print(f"validation loss {result.val_loss:.4f} nats/token "
           f"(unigram baseline {result.unigram_val_loss:.4f}); {result.seconds:.0f} s")
@@ -212,36 +241,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from sparse_lens.hooks import node_means_for
-    from sparse_lens.model import SparseHookedTransformer
-    from sparse_lens.pruning import PruneConfig, prune
+    from sparse_lens.prune_jobs import prune_tasks
+    from sparse_lens.pruning import PruneConfig
     from sparse_lens.tasks import CORPUS_TASKS, get_spec, list_tasks
 
-    tasks = [args.task] if args.task != "all" else \
+    tasks = list(dict.fromkeys(args.task)) if args.task != ["all"] else \
         list(CORPUS_TASKS) if args.source == "corpus" else list_tasks()
     for task in tasks:
         get_spec(task)  # an unknown name: ValueError listing the known ones
-    model = SparseHookedTransformer.from_pretrained(args.model, device=args.device)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
     fields = dict(steps=args.steps, target_loss=args.target_loss, k_coef=args.k_coef, seed=args.seed,
                   level=args.level, source=args.source, ablation=args.ablation)
     config = PruneConfig(**{k: v for k, v in fields.items() if v is not None},
                          calibrate=args.calibrate, progress=not args.no_progress)
     out = args.out or args.model / "circuits"
-    means = node_means_for(model, args.model, n_tokens=config.mean_tokens)
-    rows = []
-    for task in tasks:
-        circuit = prune(model, task, config, means=means)
-        circuit.save(out / task)
-        print(circuit)
-        row = circuit.summary()
-        if not args.no_verify and not circuit.full_model_misses_target:
-            table = circuit.verify().set_index("condition")
-            print(table.round(4).to_string())
-            row.update(ablated_loss=table.loc["circuit ablated", "task_loss"],
-                       random_loss=table.iloc[-1]["task_loss"])
-        rows.append(row)
-        print()
-    summary = pd.DataFrame(rows)
+    outcomes = prune_tasks(args.model, tasks, config, out, verify=not args.no_verify,
+                           device=args.device, jobs=args.jobs,
+                           on_done=lambda outcome: print(outcome.report + "\n"))
+    summary = pd.DataFrame([o.row for o in outcomes])
     summary.to_csv(out / "summary.csv", index=False)
     print(summary.round(4).to_string(index=False))
     print(f"circuits and summary.csv written to {out}")

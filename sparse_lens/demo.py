@@ -107,8 +107,9 @@ def shipped_mismatch(preset: str, steps: int | None) -> str | None:
     wanted_cfg = SparseHookedTransformerConfig.preset(preset).to_json_dict()
     diffs = [f"model.{k}" for k, v in shipped_cfg.items() if wanted_cfg.get(k, v) != v]
     wanted_tc = TrainConfig(**({} if steps is None else {"steps": steps})).to_json_dict()
+    shipped_tc = TrainConfig(**made["train_config"]).to_json_dict()  # fields added since: defaults
     diffs += [f"train.{k}" for k, v in wanted_tc.items()
-              if k not in TrainConfig.NON_RESULT_FIELDS and made["train_config"].get(k) != v]
+              if k not in TrainConfig.NON_RESULT_FIELDS and shipped_tc.get(k) != v]
     return f"the shipped {preset!r} differs in {', '.join(diffs)}" if diffs else None
 
 

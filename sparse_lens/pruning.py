@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from sparse_lens import tasks
 from sparse_lens.ablation import Ablation, ablated_nodes, check_mode
 from sparse_lens.hooks import NodeRegistry, node_means_for
+from sparse_lens.sparse_kernels import sparse_matmuls
 from sparse_lens.tasks import final_logits
 
 
@@ -65,6 +66,9 @@ class PruneConfig:
     ablation: str = "mean"  # what pruned nodes take: mean, zero, task_mean, resample
     force_search: bool = False  # search even when the full model misses the target (controls)
     progress: bool = True
+    # CSR matmuls for the frozen weights (`sparse_kernels.sparse_matmuls`): True, False, or
+    # "auto" = only where measured faster (achieved density <= sparse_kernels.AUTO_MAX_DENSITY)
+    sparse_kernels: bool | str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "n_train", "n_eval", "mean_tokens"):
@@ -78,6 +82,8 @@ class PruneConfig:
         if self.level not in tasks.LEVELS or self.source not in tasks.SOURCES:
             raise ValueError(f"PruneConfig.level must be one of {tasks.LEVELS} and source one of "
                              f"{tasks.SOURCES}; got {self.level!r}, {self.source!r}")
+        if self.sparse_kernels not in (True, False, "auto"):
+            raise ValueError(f"PruneConfig.sparse_kernels must be True, False or 'auto'; got {self.sparse_kernels!r}")
         if not -1.0 <= self.init_tau <= 1.0:
             raise ValueError(f"PruneConfig.init_tau must be in [-1, 1]; got {self.init_tau!r}")
         try:
@@ -205,13 +211,15 @@ def prune(model, task, config: PruneConfig | None = None, model_dir=None, means=
         name, custom = task.name, task.check_fits(n_ctx).to(device)
         train_data = eval_data = custom
     if means is None:  # after the task data, whose errors come first
-        means = node_means_for(model, model_dir, n_tokens=config.mean_tokens)
+        means = node_means_for(model, model_dir, n_tokens=config.mean_tokens,
+                               sparse_kernels=config.sparse_kernels)
 
     was_training = model.training
     model.eval()
     try:
         ablation = Ablation.build(config.ablation, model, means, train_data, seed=config.seed)
-        with ablated_nodes(model, registry, torch.ones(registry.n_nodes), ablation) as masker:
+        with sparse_matmuls(model, config.sparse_kernels), \
+                ablated_nodes(model, registry, torch.ones(registry.n_nodes), ablation) as masker:
             full_pairs = final_logit_pairs(model, eval_data, masker)
             full_misses = pair_loss(full_pairs) > config.target_loss
             if full_misses and not config.force_search:

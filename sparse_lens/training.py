@@ -38,6 +38,12 @@ torch build, CPU and thread count* (`torch.get_num_threads()`, recorded in the c
 threads split float reductions (matmuls, sums) differently, so 1, 2 or 4 threads give weights that
 differ in the last bits, and training amplifies that. On CUDA nothing is forced (cuBLAS needs
 `CUBLAS_WORKSPACE_CONFIG` set before it starts); GPU runs are not promised to be bitwise reproducible.
+
+Data-parallel. Under `torchrun` (see `sparse_lens.distributed`) `train` wraps the model in
+DistributedDataParallel, each rank trains on its rows of a global batch of `batch_size x world
+size`, rank 0 alone writes the run directory, and the ranks' weights are checked to stay bitwise
+equal. With one process nothing of that runs. `TrainConfig.dtype="bf16"` runs the forward pass
+under bfloat16 autocast (for GPUs).
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
-from sparse_lens import checkpoint, data, sparsity
+from sparse_lens import checkpoint, data, distributed, sparsity
 from sparse_lens.config import SparseHookedTransformerConfig
 from sparse_lens.model import SparseHookedTransformer
 
@@ -68,6 +74,8 @@ SNAPSHOTS_DIR = "snapshots"
 # files in a model directory computed from the weights it held: stale once a new run replaces them
 DERIVED_FILES = ("node_means.safetensors", "provenance.json")
 log = logging.getLogger(__name__)
+# TrainConfig.dtype -> the autocast dtype of the forward pass (None: no autocast)
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,6 +120,9 @@ class TrainConfig:
     stop_at_val_loss: float | None = None
     seed: int = 0
     device: str = "cpu"
+    # "float32", or "bf16": the forward pass under torch.autocast(bfloat16) (weights, gradients
+    # and optimizer state stay float32); meant for CUDA (CPU autocast works but is slower)
+    dtype: str = "float32"
     # the corpus: None = the running interpreter's standard library
     sources: list[str] | None = None
     val_fraction: float = 0.02
@@ -130,6 +141,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.seq_len must be >= 2 or None; got {self.seq_len!r}")
         if not (self.lr > 0 and self.eps > 0 and self.grad_rms > 0 and self.weight_decay >= 0):
             raise ValueError("TrainConfig.lr, eps and grad_rms must be > 0, weight_decay >= 0")
+        if self.dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"TrainConfig.dtype must be one of {sorted(AUTOCAST_DTYPES)}; got {self.dtype!r}")
         if self.grad_rms_mode not in ("rescale", "clip"):
             raise ValueError(f"TrainConfig.grad_rms_mode must be 'rescale' or 'clip'; got {self.grad_rms_mode!r}")
         # the schedules validate their own fractions
@@ -192,7 +205,8 @@ def train_step(
     core: SparseHookedTransformer = getattr(model, "module", model)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = model(tokens, return_type="loss")
+    with autocast(tc.dtype, tokens.device.type):
+        loss = model(tokens, return_type="loss")
     loss_value = loss.item()
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(f"non-finite loss {loss_value}")
@@ -202,6 +216,14 @@ def train_step(
     optimizer.step()
     core.project_weights_(l0)
     return loss_value
+
+
+def autocast(dtype: str, device_type: str):
+    """The forward pass's autocast context for `TrainConfig.dtype` (a no-op for float32)."""
+    target = AUTOCAST_DTYPES[dtype]
+    if target is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=target)
 
 
 def corpus_for(tc: TrainConfig, tokenizer) -> data.TokenCorpus:
@@ -254,6 +276,7 @@ def train(
     corpus: data.TokenCorpus | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    ranks: distributed.RankContext | None = None,
 ) -> TrainResult:
     """Train a model of `model_cfg` on the corpus of `tc`, checkpointing into `out_dir` (a model
     directory `SparseHookedTransformer.from_pretrained` opens at any time).
@@ -266,14 +289,20 @@ def train(
     else starts one. Ctrl-C writes a checkpoint and raises `TrainingInterrupted`.
 
     On CPU the run is bitwise reproducible for the same torch build, CPU and thread count (see
-    the module docstring)."""
+    the module docstring).
+
+    `ranks`: this process's place in a data-parallel run (default `distributed.current()`: the
+    process group torchrun started, else a single process); see `sparse_lens.distributed`.
+    `tc.batch_size` is then the per-rank batch, and only rank 0 writes to `out_dir`."""
     out_dir = Path(out_dir)
-    model_cfg, tc, resuming = _plan_run(model_cfg, tc, out_dir, resume, overwrite)
+    ranks = ranks or distributed.current()
+    model_cfg, tc, resuming = _plan_run(model_cfg, tc, out_dir, resume, overwrite, ranks.is_main)
+    ranks.barrier()  # rank 0 has cleared what --overwrite replaces before anyone reads out_dir
     with deterministic_algorithms(torch.device(tc.device).type == "cpu"):
-        return _train(model_cfg, tc, out_dir, resuming, corpus, progress)
+        return _train(model_cfg, tc, out_dir, resuming, corpus, progress, ranks)
 
 
-def _plan_run(model_cfg, tc, out_dir: Path, resume: bool | str, overwrite: bool):
+def _plan_run(model_cfg, tc, out_dir: Path, resume: bool | str, overwrite: bool, writer: bool = True):
     """The configs to train with and whether to resume; checks `out_dir` against `resume`."""
     if resume not in (False, True, "auto"):
         raise ValueError(f"resume must be False, True or 'auto'; got {resume!r}")
@@ -287,7 +316,7 @@ def _plan_run(model_cfg, tc, out_dir: Path, resume: bool | str, overwrite: bool)
         if not overwrite:
             raise ValueError(f"{out_dir} already holds a model: pass overwrite=True (--overwrite) "
                              "to replace it, or resume=True (--resume) to continue its run")
-        for name in (TRAINING_DIR, SNAPSHOTS_DIR, *DERIVED_FILES):
+        for name in (TRAINING_DIR, SNAPSHOTS_DIR, *DERIVED_FILES) if writer else ():
             target = out_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     return model_cfg, tc, False
@@ -311,18 +340,19 @@ def _train(
     resuming: bool,
     corpus: data.TokenCorpus | None,
     progress: bool,
+    ranks: distributed.RankContext,
 ) -> TrainResult:
     from sparse_lens.tokenizer import load_tokenizer
 
     start = time.perf_counter()
-    device = _resolve_device(tc.device)
+    device = ranks.device_for(_resolve_device(tc.device))
     model_cfg = dataclasses.replace(model_cfg, device=device)
     seq_len = tc.seq_len or model_cfg.n_ctx
     if seq_len > model_cfg.n_ctx:
         raise ValueError(f"TrainConfig.seq_len={seq_len} exceeds the model's n_ctx={model_cfg.n_ctx}")
 
     if resuming:
-        model, optimizer, first_step, history = _load_run(out_dir, model_cfg, tc, device)
+        model, optimizer, first_step, history = _load_run(out_dir, model_cfg, tc, device, ranks.world_size)
     else:
         torch.manual_seed(tc.seed)
         model = SparseHookedTransformer(model_cfg, tokenizer=load_tokenizer())
@@ -336,7 +366,10 @@ def _train(
     unigram = data.unigram_cross_entropy(corpus.train, corpus.val, model_cfg.d_vocab)
 
     def save(step: int) -> None:
-        _save_run(out_dir, model, optimizer, step, model_cfg, tc, history, unigram)
+        if ranks.is_main:
+            _save_run(out_dir, model, optimizer, step, model_cfg, tc, history, unigram, ranks.world_size)
+
+    trained = ranks.wrap(model)  # DDP when distributed: gradients all-reduced in backward()
 
     model.train()
     val_loss = history[-1]["val_loss"] if history else float("nan")
@@ -344,21 +377,25 @@ def _train(
     if _reached(tc, val_loss):  # a resumed run that had already stopped at its target loss
         first_step = tc.steps
     bar = tqdm(range(first_step, tc.steps), initial=first_step, total=tc.steps,
-               disable=not progress, desc="sparse train" if model_cfg.is_weight_sparse else "dense train")
+               disable=not (progress and ranks.is_main), desc="sparse train" if model_cfg.is_weight_sparse else "dense train")
     with _sigint_flag() as interrupted:
         for step in bar:
             l0 = sparsity.l0_at_step(step, tc.steps, model_cfg.weight_l0, tc.dense_frac,
                                      tc.anneal_end_frac, tc.anneal_kind)
             lr = sparsity.lr_at_step(step, tc.steps, tc.lr, l0, tc.warmup_frac)
-            tokens = data.sample_batch(corpus.train, tc.batch_size, seq_len, step, tc.seed).to(device)
+            tokens = distributed.rank_batch(corpus.train, tc.batch_size, seq_len, step, tc.seed,
+                                            ranks.rank, ranks.world_size).to(device)
             try:
-                loss = train_step(model, optimizer, tokens, lr, l0, tc)
+                loss = train_step(trained, optimizer, tokens, lr, l0, tc)
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(
                     f"{err} at step {step}; stopping. The last good checkpoint is kept in "
                     f"{out_dir} (step {_saved_step(out_dir)}); lower TrainConfig.lr or check the data"
                 ) from err
             done = last_step = step + 1
+            loss, stopping = ranks.reduce_step(loss, interrupted(), device)  # as one, across ranks
+            if done % distributed.CHECKSUM_EVERY == 0 or done == tc.steps:
+                ranks.check_weights(model, done)
             record = dict(step=done, loss=loss, l0=l0, lr=lr)
             if done % tc.eval_every == 0 or done == tc.steps:
                 val_loss = evaluate(model, val_batches)
@@ -368,11 +405,11 @@ def _train(
                          done, tc.steps, loss, val_loss, l0, lr)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}", l0=f"{l0:.4f}")
             stop = _reached(tc, val_loss) and "val_loss" in record
-            if done % tc.checkpoint_every == 0 or done == tc.steps or stop or interrupted():
+            if done % tc.checkpoint_every == 0 or done == tc.steps or stop or stopping:
                 save(done)
-            if tc.snapshot_every and done % tc.snapshot_every == 0:
+            if tc.snapshot_every and done % tc.snapshot_every == 0 and ranks.is_main:
                 checkpoint.save_model(model, out_dir / SNAPSHOTS_DIR / f"step-{done:06d}")
-            if interrupted():
+            if stopping:
                 bar.close()
                 raise TrainingInterrupted(out_dir, done)
             if stop:
@@ -380,6 +417,7 @@ def _train(
                          val_loss, tc.stop_at_val_loss, done)
                 break
     bar.close()
+    ranks.barrier()  # rank 0's last checkpoint is written before any rank returns
     steps_done = max(last_step, history[-1]["step"] if history else 0)
     if not history or history[-1]["step"] != steps_done:
         val_loss = evaluate(model, val_batches)
@@ -414,7 +452,7 @@ def _sigint_flag():
 # ------------------------------------------------------------------- checkpoints
 def _save_run(out_dir: Path, model: SparseHookedTransformer, optimizer: torch.optim.Optimizer,
               step: int, model_cfg: SparseHookedTransformerConfig, tc: TrainConfig,
-              history: list[dict[str, float]], unigram: float) -> None:
+              history: list[dict[str, float]], unigram: float, world_size: int = 1) -> None:
     """Checkpoint: the model's files plus `training/` (weights linked, optimizer state, state.json).
     Files derived from the previous weights (`DERIVED_FILES`: cached node means, a provenance
     record with their digest) are removed; everything else in `out_dir` stays."""
@@ -427,7 +465,7 @@ def _save_run(out_dir: Path, model: SparseHookedTransformer, optimizer: torch.op
         # torch build and thread count: what bitwise reproducibility depends on (module docstring)
         state = dict(step=step, train_config=tc.to_json_dict(), param_state=param_state,
                      history=history, unigram_val_loss=unigram, torch_version=torch.__version__,
-                     torch_threads=torch.get_num_threads())
+                     torch_threads=torch.get_num_threads(), world_size=world_size)
         (stage / TRAINING_DIR / "state.json").write_text(json.dumps(state, indent=1))
 
     checkpoint.save_model(model, out_dir, write_extra=write_training_state)
@@ -463,7 +501,8 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
             optimizer.state[p] = state
 
 
-def _load_run(out_dir: Path, model_cfg: SparseHookedTransformerConfig, tc: TrainConfig, device: str):
+def _load_run(out_dir: Path, model_cfg: SparseHookedTransformerConfig, tc: TrainConfig, device: str,
+              world_size: int = 1):
     model = SparseHookedTransformer.from_pretrained(out_dir, device=device)
     weights = out_dir / TRAINING_DIR / checkpoint.WEIGHTS_FILE
     if weights.is_file():  # runs written before training/ held its own copy use the model's
@@ -475,7 +514,12 @@ def _load_run(out_dir: Path, model_cfg: SparseHookedTransformerConfig, tc: Train
     if missing:
         raise checkpoint.CheckpointError(f"{out_dir / TRAINING_DIR / 'state.json'} lacks {missing}: "
                                          "not a complete training state")
-    saved_tc = state["train_config"]
+    saved_tc = TrainConfig(**state["train_config"]).to_json_dict()  # fields added since: defaults
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != world_size:  # the global batch is batch_size x world size
+        raise ValueError(f"cannot resume {out_dir} with {world_size} process(es): the run was trained "
+                         f"with {saved_world} (each draws its share of a global batch of batch_size x "
+                         f"world size); resume it with torchrun --nproc_per_node={saved_world} in total")
     diffs = [f"model.{k}: saved {saved_model_cfg.get(k)!r}, given {v!r}"
              for k, v in wanted_model_cfg.items() if saved_model_cfg.get(k) != v]
     diffs += [f"train.{k}: saved {saved_tc.get(k)!r}, given {v!r}"

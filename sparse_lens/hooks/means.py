@@ -35,10 +35,14 @@ def compute_node_means(
     batch_size: int = 16,
     seq_len: int | None = None,
     seed: int = 0,
+    sparse_kernels: bool | str = "auto",
 ) -> Float[torch.Tensor, " n_nodes"]:
     """Mean activation of every node over `n_tokens` tokens (rounded up to whole batches) of
-    random windows of the token stream `tokens` (e.g. `corpus.train`). Sums in float64."""
+    random windows of the token stream `tokens` (e.g. `corpus.train`). Sums in float64.
+    `sparse_kernels`: CSR matmuls (`sparse_lens.sparse_kernels.sparse_matmuls`; "auto" = where
+    measured faster)."""
     from sparse_lens.data import sample_batch
+    from sparse_lens.sparse_kernels import sparse_matmuls
 
     seq_len = seq_len or model.cfg.n_ctx
     if n_tokens < 1:
@@ -51,11 +55,12 @@ def compute_node_means(
 
     hooks = [(s.hook_name, accumulate) for s in registry.sites]
     seen, step = 0, 0
-    while seen < n_tokens:
-        batch = sample_batch(tokens, batch_size, seq_len, step, seed).to(model.cfg.device)
-        model.run_with_hooks(batch, return_type=None, fwd_hooks=hooks)
-        seen += batch.numel()
-        step += 1
+    with sparse_matmuls(model, sparse_kernels):
+        while seen < n_tokens:
+            batch = sample_batch(tokens, batch_size, seq_len, step, seed).to(model.cfg.device)
+            model.run_with_hooks(batch, return_type=None, fwd_hooks=hooks)
+            seen += batch.numel()
+            step += 1
     flat = torch.cat([sums[s.hook_name].flatten() for s in registry.sites]) / seen
     return flat.to(model.cfg.dtype)
 
@@ -133,7 +138,8 @@ def _training_stream(model, spec: dict[str, Any] | None, record: Path | None) ->
         raise ValueError(f"cannot load the training corpus recorded in {record}: {err}") from err
 
 
-def node_means_for(model, model_dir: str | Path | None = None, tokens=None, n_tokens: int = 1 << 16):
+def node_means_for(model, model_dir: str | Path | None = None, tokens=None, n_tokens: int = 1 << 16,
+                   sparse_kernels: bool | str = "auto"):
     """The model's node means over `tokens`, by default the training stream of the corpus the
     model was trained on, as recorded in `model_dir` (or in the directory the model was loaded
     from, `model.loaded_from`; see `recorded_corpus`), else the standard library.
@@ -162,7 +168,7 @@ def node_means_for(model, model_dir: str | Path | None = None, tokens=None, n_to
             warnings.warn(f"{corpus_dir} records no training corpus ({' or '.join(CORPUS_RECORDS)}); "
                           "node means over the standard library", UserWarning, stacklevel=2)
         tokens = _training_stream(model, spec, record)
-    means = compute_node_means(model, registry, tokens, n_tokens=n_tokens)
+    means = compute_node_means(model, registry, tokens, n_tokens=n_tokens, sparse_kernels=sparse_kernels)
     if model_dir is not None:
         corpus = ("tokens given to node_means_for" if given else json.dumps(spec) if spec is not None
                   else "the standard library (no corpus recorded)")

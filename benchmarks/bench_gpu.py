@@ -1,0 +1,97 @@
+"""Training on a GPU: tokens/s, where a step's time goes, peak memory (small and paper presets).
+
+    .venv/bin/python benchmarks/bench_gpu.py                      # both presets, float32 and bf16
+    .venv/bin/python benchmarks/bench_gpu.py --presets paper --dtypes bf16 --batch-size 32
+
+Without CUDA it says so and exits 0 (nothing is measured). For each preset and dtype it runs
+`--warmup` steps, then times `--steps` steps of the real training step split into its phases
+(forward + loss, backward, gradient RMS rescale + AdamW step, projection onto the top-k), each
+phase bracketed by `torch.cuda.synchronize()`; prints the median per phase, its share of the
+step, tokens/s and the peak allocated memory. The goal: the projection under 10% of a step at
+`paper` size. Weights are random at the preset's target L0 (the cost does not depend on training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def phases_of_a_step(model, optimizer, tokens, l0: float, tc) -> dict[str, float]:
+    """One training step (as `training.train_step` does it), timed per phase in seconds."""
+    from sparse_lens.training import autocast, rescale_grad_rms_
+
+    times = {}
+
+    def mark(name, t0):
+        torch.cuda.synchronize()
+        times[name] = time.perf_counter() - t0
+        return time.perf_counter()
+
+    t = time.perf_counter()
+    with autocast(tc.dtype, "cuda"):
+        loss = model(tokens, return_type="loss")
+    t = mark("forward", t)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t = mark("backward", t)
+    rescale_grad_rms_(list(model.parameters()), tc.grad_rms, tc.grad_rms_mode)
+    optimizer.step()
+    t = mark("optimizer", t)
+    model.project_weights_(l0)
+    mark("projection", t)
+    return times
+
+
+def bench(preset: str, dtype: str, batch_size: int, steps: int, warmup: int) -> None:
+    from sparse_lens.config import SparseHookedTransformerConfig
+    from sparse_lens.model import SparseHookedTransformer
+    from sparse_lens.training import TrainConfig, make_optimizer
+
+    cfg = SparseHookedTransformerConfig.preset(preset, device="cuda")
+    torch.manual_seed(0)
+    model = SparseHookedTransformer(cfg).train()
+    model.project_weights_()
+    tc = TrainConfig(batch_size=batch_size, dtype=dtype, device="cuda")
+    optimizer = make_optimizer(model, tc)
+    tokens = torch.randint(0, cfg.d_vocab, (batch_size, cfg.n_ctx), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    runs = [phases_of_a_step(model, optimizer, tokens, cfg.weight_l0, tc) for _ in range(warmup + steps)]
+    runs = runs[warmup:]
+    median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    total = sum(median.values())
+    print(f"{preset} ({cfg.n_layers} layers, d_model {cfg.d_model}, L0 {cfg.weight_l0:.4g}), {dtype}, "
+          f"batch {batch_size} x {cfg.n_ctx}: {batch_size * cfg.n_ctx / total:,.0f} tokens/s, "
+          f"step {total * 1e3:.1f} ms, peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    for name, seconds in median.items():
+        print(f"  {name:10s} {seconds * 1e3:8.1f} ms  {seconds / total:6.1%}")
+    share = median["projection"] / total
+    if preset == "paper":
+        print(f"  projection share {share:.1%}: goal < 10% {'met' if share < 0.10 else 'MISSED'}")
+    del model, optimizer
+    torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["small", "paper"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bf16"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device (torch.cuda.is_available() is False): skipped, nothing measured")
+        return 0
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for preset in args.presets:
+        for dtype in args.dtypes:
+            bench(preset, dtype, args.batch_size, args.steps, args.warmup)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The GPU path: bf16 autocast training (CPU-checked), and CUDA training, node means, pruning and
+CSR products where a GPU exists (skipped without one: no GPU in CI)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_lens import data
+from sparse_lens.config import SparseHookedTransformerConfig
+from sparse_lens.training import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    stream = torch.randint(1, 2048, (20_000,), generator=torch.Generator().manual_seed(0))
+    return data.TokenCorpus(train=stream, val=stream[:4096])
+
+
+def short(**overrides):
+    return TrainConfig(**{**dict(steps=3, batch_size=2, seq_len=32, eval_every=3, eval_batches=1,
+                                 checkpoint_every=3), **overrides})
+
+
+def test_bf16_autocast_runs_the_forward_in_bfloat16_and_keeps_float32_weights(corpus, tmp_path):
+    tiny = SparseHookedTransformerConfig.preset("tiny")
+    fp32 = train(tiny, short(), tmp_path / "fp32", corpus=corpus, progress=False)
+    bf16 = train(tiny, short(dtype="bf16"), tmp_path / "bf16", corpus=corpus, progress=False)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    a, b = fp32.history[0]["loss"], bf16.history[0]["loss"]
+    assert a != b and abs(a - b) < 0.05  # bfloat16 rounding: close, not equal
+
+
+def test_an_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="TrainConfig.dtype"):
+        TrainConfig(dtype="fp16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="measures on CUDA instead")
+def test_the_gpu_benchmark_skips_cleanly_without_cuda():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py")],
+                         capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0 and "skipped, nothing measured" in run.stdout, run.stderr
+
+
+@needs_cuda
+def test_cuda_bf16_training_node_means_pruning_and_csr(corpus, tmp_path):
+    from sparse_lens.hooks import NodeRegistry, compute_node_means
+    from sparse_lens.pruning import prune
+    from sparse_lens.sparse_kernels import sparse_matmuls
+
+    result = train(SparseHookedTransformerConfig.preset("tiny"), short(steps=6, device="cuda", dtype="bf16"),
+                   tmp_path / "run", corpus=corpus, progress=False)
+    model = result.model.eval()
+    assert next(model.parameters()).is_cuda and result.history[-1]["loss"] < 9
+    means = compute_node_means(model, NodeRegistry.for_model(model), corpus.train.cuda(), n_tokens=2048)
+    assert means.is_cuda and torch.isfinite(means).all()
+    circuit = prune(model, "with_as", means=means, steps=3, target_loss=5, progress=False)
+    assert circuit.solved
+    tokens = corpus.val[:64].view(2, 32).cuda()
+    with torch.no_grad():
+        dense = model(tokens)
+        with sparse_matmuls(model, True):
+            csr = model(tokens)
+    torch.testing.assert_close(csr, dense, rtol=0, atol=1e-4)
