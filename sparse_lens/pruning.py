@@ -292,7 +292,7 @@ def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneCon
 
 
 def smallest_passing_prefix(example_losses: ExampleLosses, n_max: int, n_examples: int,
-                            target: float, start: int = 0, batch_size: int = 8,
+                            target: float, start: int = 0, batch_size: int = 32,
                             max_chunk: int = 16) -> int | None:
     """The smallest `n` in [start, n_max] whose circuit meets `target`: mean per-example loss
     over the `n_examples` evaluation examples <= target. Exact whatever the shape of the
@@ -303,21 +303,20 @@ def smallest_passing_prefix(example_losses: ExampleLosses, n_max: int, n_example
     `example_losses(ns, rows)` returns [len(ns), rows] per-example losses of the circuits
     keeping the first `n` nodes, for each n in `ns`, on the evaluation examples `rows` (a
     slice). Losses are >= 0, so a candidate is dropped as soon as its running sum exceeds
-    `target * n_examples`: a clearly failing circuit costs a batch or two. Batches start at
-    `batch_size` examples and double (so put the hardest examples first). Returns None if no
-    n passes."""
+    `target * n_examples`: a clearly failing circuit costs one batch of `batch_size` examples.
+    Returns None if no n passes."""
     bound = target * n_examples
     chunk = 4
     while start <= n_max:
         ns = list(range(start, min(start + chunk, n_max + 1)))
         sums = torch.zeros(len(ns), dtype=torch.float64)
         alive = list(range(len(ns)))
-        first, size = 0, batch_size
-        while alive and first < n_examples:
-            losses = example_losses([ns[i] for i in alive], slice(first, first + size))
+        for first in range(0, n_examples, batch_size):
+            if not alive:
+                break
+            losses = example_losses([ns[i] for i in alive], slice(first, first + batch_size))
             sums[alive] += losses.detach().double().sum(dim=1).cpu()
             alive = [i for i in alive if sums[i] <= bound]
-            first, size = first + size, 2 * size
         if alive:
             return ns[alive[0]]
         start += len(ns)
@@ -325,12 +324,11 @@ def smallest_passing_prefix(example_losses: ExampleLosses, n_max: int, n_example
     return None
 
 
-def _prefix_losses(model, masker, data, order, registry: NodeRegistry,
-                   example_order: torch.Tensor | None = None) -> ExampleLosses:
+def _prefix_losses(model, masker, data, order, registry: NodeRegistry) -> ExampleLosses:
     """`example_losses` for `smallest_passing_prefix`: the circuits keeping the first n nodes of
     `order`, all evaluated in one forward pass (each candidate on its own copy of the rows,
-    with its own row mask), examples taken in `example_order` (default shortest first)."""
-    by_length = _by_length(data) if example_order is None else example_order.cpu()
+    with its own row mask), examples taken shortest first."""
+    by_length = _by_length(data)
     rank = torch.empty(registry.n_nodes, dtype=torch.long)
     rank[order] = torch.arange(registry.n_nodes)
     rank = rank.to(model.cfg.device)
@@ -369,14 +367,9 @@ def _search(model, masker, data, order, registry: NodeRegistry, config: PruneCon
         return curve[n]
 
     n_all = registry.n_nodes
-    mask = torch.ones(registry.n_nodes, device=device)
-    full = final_logit_pairs(model, data, masker, mask)
-    curve[n_all] = pair_loss(full)
-    if curve[n_all] > config.target_loss:
+    if loss_at(n_all) > config.target_loss:
         return n_all, sorted(curve.items())
-    # the examples the full model finds hardest first: near-miss circuits fail on them soonest
-    hardest_first = torch.argsort(full[:, 1] - full[:, 0], descending=True, stable=True)
-    example_losses = _prefix_losses(model, masker, data, order, registry, hardest_first)
+    example_losses = _prefix_losses(model, masker, data, order, registry)
     n = smallest_passing_prefix(example_losses, n_all, len(data), config.target_loss)
     # the scan sums in another order than `pair_loss`: confirm, moving on past float ties
     while n is not None and n < n_all and loss_at(n) > config.target_loss:
