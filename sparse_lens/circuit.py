@@ -132,12 +132,18 @@ class Circuit:
         return int(self.edges.kind.isin(COUNTED_EDGE_KINDS).sum())
 
     def _task_data(self, split: str = "test", n: int = 256, seed: int = 0):
-        from sparse_lens.tasks import get_task
+        """Held-out examples of the circuit's task, at the level and from the source it was
+        pruned on (real code holds few of some classes: then as many as it has, balanced)."""
+        from sparse_lens.tasks import corpus_class_counts, get_task
 
         if self.data is not None:
             return self.data.check_fits(self.model.cfg.n_ctx).to(self.model.cfg.device)
-        return get_task(self.task, self.model.tokenizer, n=n, seed=seed, split=split,
-                        n_ctx=self.model.cfg.n_ctx).to(self.model.cfg.device)
+        level = self.config.level if self.config is not None else "core"
+        source = self.config.source if self.config is not None else "generated"
+        if source == "corpus":
+            n = min(n, 2 * min(corpus_class_counts(self.task, self.model.tokenizer, split)))
+        return get_task(self.task, self.model.tokenizer, n=n, seed=seed, split=split, level=level,
+                        source=source, n_ctx=self.model.cfg.n_ctx).to(self.model.cfg.device)
 
     # ------------------------------------------------------------------ running
     def run(self, tokens: Int[torch.Tensor, "batch pos"] | str | list[str], **forward_kwargs):

@@ -216,3 +216,17 @@ def test_calibration_removes_a_logit_bias_on_one_candidate():
     assert pair_accuracy(fixed) == 1.0 and pair_loss(fixed) < 0.05 < pair_loss(pairs)
     # right on both classes iff -5 scale < bias[A] - bias[B] < -scale (the +3 on A undone)
     assert -5 * calibration.scale < calibration.bias[A] - calibration.bias[B] < -calibration.scale
+
+
+def test_a_circuit_is_verified_on_the_level_it_was_pruned_at(tokenizer, tmp_path):
+    """verify() draws held-out prompts at the circuit's own level, not the default core level."""
+    from conftest import save_tiny_model_with_means
+    from sparse_lens.tasks import get_task
+
+    model, means = save_tiny_model_with_means(tokenizer, tmp_path / "tiny")
+    circuit = prune(model, "single_double_quote", means=means, steps=2, n_train=8, n_eval=8,
+                    target_loss=5.0, level="hard", progress=False)
+    held_out = circuit._task_data(n=8)
+    hard = get_task("single_double_quote", tokenizer, n=8, split="test", level="hard")
+    core = get_task("single_double_quote", tokenizer, n=8, split="test")
+    assert held_out.prompts == hard.prompts != core.prompts
