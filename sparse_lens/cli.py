@@ -156,6 +156,7 @@ def add_faithfulness_parser(sub) -> None:
     f.add_argument("--target-loss", type=float, default=None, help="for circuits pruned here")
     f.add_argument("--steps", type=int, default=None, help="mask-optimisation steps, for circuits pruned here")
     f.add_argument("--ablation", default=None, choices=ABLATION_CHOICES, help="for circuits pruned here")
+    f.add_argument("--level", default=None, choices=("core", "hard"), help="task level, for circuits pruned here")
     f.add_argument("--n", type=int, default=None, help="held-out prompts (default 128)")
     f.add_argument("--draws", type=int, default=None, help="partial-restoration draws (default 16)")
     f.add_argument("--control-steps", type=int, default=None,
@@ -286,7 +287,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     circuits_dir = args.circuits or args.model / "circuits"
     out = args.out or circuits_dir
     out.mkdir(parents=True, exist_ok=True)
-    fields = dict(steps=args.steps, target_loss=args.target_loss, ablation=args.ablation)
+    fields = dict(steps=args.steps, target_loss=args.target_loss, ablation=args.ablation, level=args.level)
     prune_config = PruneConfig(**{k: v for k, v in fields.items() if v is not None},
                                progress=not args.no_progress)
     means = node_means_for(model, args.model, n_tokens=prune_config.mean_tokens)
