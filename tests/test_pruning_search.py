@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_circuit import hand_built_model, hand_task  # the hand-built model whose circuit is known
+from test_circuit import hand_task, means, model  # noqa: F401  (the hand-built model whose circuit is known, as fixtures)
 
-from sparse_lens.hooks import NodeRegistry, compute_node_means, masked_nodes
+from sparse_lens.hooks import NodeRegistry, masked_nodes
 from sparse_lens.pruning import (
     PruneConfig, _prefix_losses, _search, final_logit_pairs, pair_loss, prune, smallest_passing_prefix,
 )
@@ -60,18 +60,6 @@ def test_clearly_failing_prefixes_cost_one_batch():
     assert smallest_passing_prefix(losses, 40, N_EXAMPLES, 0.15, batch_size=4) == 40
     full_cost = 41 * N_EXAMPLES
     assert sum(asked) < 0.5 * full_cost
-
-
-@pytest.fixture(scope="module")
-def model():
-    return hand_built_model()
-
-
-@pytest.fixture(scope="module")
-def means(model):
-    stream = torch.randint(1, 8, (4096,), generator=torch.Generator().manual_seed(1))
-    return compute_node_means(model, NodeRegistry.for_model(model), stream, n_tokens=2048,
-                              batch_size=8, seq_len=16)
 
 
 def test_row_masks_give_each_candidate_its_own_circuit(model, means):

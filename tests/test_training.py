@@ -194,19 +194,29 @@ def test_training_from_scratch_is_bitwise_reproducible_across_processes(tmp_path
 
 
 # ------------------------------------------------------------------ the run directory is the user's too
+def sampling_that_calls(action, at_step: int):
+    """`data.sample_batch` that first calls `action()` when asked for step `at_step`."""
+    real_sample = data.sample_batch
+
+    def sample(tokens, batch_size, seq_len, step, seed):
+        if step == at_step:
+            action()
+        return real_sample(tokens, batch_size, seq_len, step, seed)
+
+    return sample
+
+
 def test_a_checkpoint_replaces_only_the_trainers_own_files(corpus, tmp_path, monkeypatch):
     """Pruning and the demo write into the run directory while it trains; checkpoints keep that."""
     run = tmp_path / "run"
-    real_sample = data.sample_batch
 
-    def prune_while_training(tokens, batch_size, seq_len, step, seed):
-        if step == 12:  # after the checkpoint at step 10, before the one at 20
-            (run / "circuits" / "quote").mkdir(parents=True)
-            (run / "circuits" / "quote" / "circuit.json").write_text("{}")
-            (run / "report.html").write_text("<html></html>")
-        return real_sample(tokens, batch_size, seq_len, step, seed)
+    def prune_while_training():
+        (run / "circuits" / "quote").mkdir(parents=True)
+        (run / "circuits" / "quote" / "circuit.json").write_text("{}")
+        (run / "report.html").write_text("<html></html>")
 
-    monkeypatch.setattr(data, "sample_batch", prune_while_training)
+    # at step 12: after the checkpoint at step 10, before the one at 20
+    monkeypatch.setattr(data, "sample_batch", sampling_that_calls(prune_while_training, at_step=12))
     train(tiny_cfg(), short(steps=20), run, corpus=corpus, progress=False)
     assert (run / "circuits" / "quote" / "circuit.json").read_text() == "{}"
     assert (run / "report.html").is_file()
@@ -242,13 +252,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_alone_continues_bitwise(corpus, tm
     cfg, tc = tiny_cfg(weight_l0=1 / 8), short(steps=40)
     uninterrupted = train(cfg, tc, tmp_path / "a", corpus=corpus, progress=False).model
     real_sample = data.sample_batch
-
-    def ctrl_c_during_step_13(tokens, batch_size, seq_len, step, seed):
-        if step == 13:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_sample(tokens, batch_size, seq_len, step, seed)
-
-    monkeypatch.setattr(data, "sample_batch", ctrl_c_during_step_13)
+    ctrl_c = sampling_that_calls(lambda: os.kill(os.getpid(), signal.SIGINT), at_step=13)
+    monkeypatch.setattr(data, "sample_batch", ctrl_c)
     with pytest.raises(training.TrainingInterrupted, match=r"step 14 .*--resume"):
         train(cfg, tc, tmp_path / "b", corpus=corpus, progress=False)
     monkeypatch.setattr(data, "sample_batch", real_sample)
