@@ -102,8 +102,9 @@ def load_model(
 
 def check_recorded_digest(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """If the model directory `path` has a `provenance.json` recording `weights_sha256`, the
-    weights must hash to it (`pretrained.weights_digest`); CheckpointError otherwise."""
-    from sparse_lens.pretrained import PROVENANCE_FILE, weights_digest
+    weights must hash to it (`fingerprint.weights_digest`); CheckpointError otherwise."""
+    from sparse_lens.fingerprint import weights_digest
+    from sparse_lens.pretrained import PROVENANCE_FILE
 
     record_file = path / PROVENANCE_FILE
     if not record_file.is_file():

@@ -24,7 +24,6 @@ Edges (`edges`, one row each, `kind` column):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -33,22 +32,16 @@ import torch
 from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 
+from sparse_lens.fingerprint import model_fingerprint
 from sparse_lens.hooks import NodeRegistry, keep_mask_from_ids, masked_nodes
 from sparse_lens.sparse_kernels import sparse_matmuls
 
 CIRCUIT_FILE = "circuit.json"
+#: 2: the model fingerprint is `fingerprint.model_fingerprint` (1 hashed the weights another way)
+FORMAT_VERSION = 2
 TENSORS_FILE = "circuit.safetensors"
 EDGE_KINDS = ("weight", "embed", "unembed", "residual", "qk")
 COUNTED_EDGE_KINDS = ("weight", "embed", "unembed")
-
-
-def model_fingerprint(model) -> str:
-    """sha256 of the model's config and parameter bytes: a circuit belongs to these weights."""
-    h = hashlib.sha256(json.dumps(model.cfg.to_json_dict(), sort_keys=True).encode())
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def node_label(row) -> str:
@@ -278,7 +271,7 @@ class Circuit:
         cal = dataclasses.asdict(self.calibration) if self.calibration is not None else None
         if cal is not None:
             cal["bias"] = {str(k): v for k, v in cal["bias"].items()}
-        doc = dict(format="sparse_lens.circuit", format_version=1, task=self.task,
+        doc = dict(format="sparse_lens.circuit", format_version=FORMAT_VERSION, task=self.task,
                    node_ids=self.node_ids, model_name=self.model.cfg.model_name,
                    model_fingerprint=model_fingerprint(self.model),
                    config=dataclasses.asdict(self.config) if self.config is not None else None,
@@ -309,6 +302,9 @@ class Circuit:
             raise ValueError(f"{path} is not a readable circuit: {err}") from err
         if not isinstance(doc, dict) or doc.get("format") != "sparse_lens.circuit":
             raise ValueError(f"{path / CIRCUIT_FILE} is not a sparse_lens circuit file")
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path / CIRCUIT_FILE} has format version {doc.get('format_version')}; "
+                             f"this sparse_lens reads version {FORMAT_VERSION} (prune the task again)")
         field = _field_reader(doc, path / CIRCUIT_FILE)
         if field("model_fingerprint") != model_fingerprint(model):
             raise ValueError(

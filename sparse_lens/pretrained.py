@@ -26,7 +26,6 @@ Maintainers ship a new one with `python -m sparse_lens.pretrained RUN_DIR NAME -
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from sparse_lens import checkpoint
+from sparse_lens.fingerprint import weights_digest
 
 if TYPE_CHECKING:
     from sparse_lens.model import SparseHookedTransformer
@@ -95,17 +95,6 @@ def unpack_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -
             raise checkpoint.CheckpointError(f"packed {name}: shape {tuple(t.shape)}, expected {shape}")
         out[name] = t
     return out
-
-
-def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the parameters' names, shapes and bytes, in name order: the same for a model
-    and its packed copy, and for two bitwise-identical training runs."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def save_packed(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -18,6 +18,7 @@ with install_import_hook("sparse_lens.bridges", "beartype.beartype"):
 
 from sparse_lens import checkpoint, cli, data
 from sparse_lens.config import SparseHookedTransformerConfig
+from sparse_lens.fingerprint import model_fingerprint
 from sparse_lens.hooks import NodeRegistry
 from sparse_lens.model import SparseHookedTransformer
 from sparse_lens.tasks import TaskData
@@ -172,7 +173,7 @@ def test_bridge_losses_fall_during_training(bridged, dense_model):
     assert bridged.sparse.weight_sparsity().achieved_l0.max() < 0.3
     dense, _ = dense_model
     assert all(p.requires_grad for p in dense.parameters())
-    assert bridged.bridges.dense_fingerprint == B.weights_fingerprint(dense)
+    assert bridged.bridges.dense_fingerprint == model_fingerprint(dense)
 
 
 def test_sampled_hybrid_sites_are_a_pure_function_of_the_step():

@@ -320,3 +320,19 @@ def test_a_loaded_model_takes_its_means_from_the_corpus_its_directory_records(mo
     stream = load_corpus([corpus], model.tokenizer, val_fraction=0.25, cache_dir=False).train
     torch.testing.assert_close(means, compute_node_means(loaded, NodeRegistry.for_model(loaded), stream,
                                                          n_tokens=256), rtol=0, atol=0)
+
+
+def test_one_fingerprint_hashes_bf16_weights_and_tells_weights_apart():
+    import copy
+
+    from sparse_lens.fingerprint import model_fingerprint, weights_digest
+
+    a = torch.nn.Linear(4, 3)
+    digest = model_fingerprint(a)
+    assert model_fingerprint(copy.deepcopy(a).to(torch.bfloat16)) != digest  # bf16 hashes too
+    b = copy.deepcopy(a)
+    assert model_fingerprint(b) == digest
+    with torch.no_grad():
+        b.weight[0, 0] += 1e-6
+    assert model_fingerprint(b) != digest
+    assert weights_digest({"x": torch.zeros(2)}) != weights_digest({"x": torch.zeros(2, 1)})

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "BridgeSite": "modules", "Bridges": "modules", "BridgeEncoder": "modules",
     "BridgeDecoder": "modules", "BridgeMismatchError": "modules", "bridge_sites": "modules",
-    "check_models": "modules", "weights_fingerprint": "modules",
+    "check_models": "modules",
     "HybridOutput": "hybrid", "dense_to_sparse": "hybrid", "sparse_to_dense": "hybrid",
     "hybrid_kl_table": "hybrid", "run_from_site": "hybrid", "run_capturing": "hybrid",
     "mean_kl": "hybrid",
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from sparse_lens.bridges.losses import LOSS_TERMS, bridge_losses, nmse, total_loss
     from sparse_lens.bridges.modules import (
         BridgeDecoder, BridgeEncoder, BridgeMismatchError, Bridges, BridgeSite, bridge_sites,
-        check_models, weights_fingerprint,
+        check_models,
     )
     from sparse_lens.bridges.training import (
         BridgeTrainConfig, BridgeTrainResult, evaluate_bridged, load_bridged, save_bridged,

@@ -20,7 +20,6 @@ and `bridges.safetensors`; nothing is unpickled on load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from jaxtyping import Float
 
 from sparse_lens import checkpoint
 from sparse_lens.components import abs_topk
+from sparse_lens.fingerprint import model_fingerprint
 
 FORMAT = "sparse_lens.Bridges"
 FORMAT_VERSION = 1
@@ -199,7 +199,7 @@ class Bridges(nn.Module):
                 f"these bridges are for {self.n_layers} layers and vocabulary {self.d_vocab}; the "
                 f"models have {dense.cfg.n_layers} layers and vocabulary {sparse.cfg.d_vocab}")
         if check_fingerprint and self.dense_fingerprint is not None:
-            found = weights_fingerprint(dense)
+            found = model_fingerprint(dense)
             if found != self.dense_fingerprint:
                 raise BridgeMismatchError(
                     f"these bridges were trained against other dense weights (fingerprint "
@@ -279,15 +279,6 @@ def check_models(dense: nn.Module, sparse: nn.Module) -> None:
         if missing:
             raise BridgeMismatchError(f"the {what} model has no hook {missing[0]} (a residual site "
                                       "after attention needs a model with attention and MLP blocks)")
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 of a model's parameter names, shapes and bytes."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _check_width(x: torch.Tensor, width: int, what: str) -> None:

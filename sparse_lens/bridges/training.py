@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from sparse_lens import checkpoint, data, sparsity
 from sparse_lens.bridges.hybrid import hybrid_kl_table, mean_kl
 from sparse_lens.bridges.losses import LOSS_TERMS, bridge_losses, total_loss
-from sparse_lens.bridges.modules import Bridges, check_models, weights_fingerprint
+from sparse_lens.bridges.modules import Bridges, check_models
+from sparse_lens.fingerprint import model_fingerprint
 from sparse_lens.config import SparseHookedTransformerConfig
 from sparse_lens.model import SparseHookedTransformer
 from sparse_lens.training import (
@@ -131,7 +132,7 @@ def _train(dense, sparse, config: BridgeTrainConfig, out_dir: Path, corpus, prog
         sparse = SparseHookedTransformer(dataclasses.replace(sparse, device=tc.device), tokenizer=tokenizer)
     check_models(dense, sparse)
     bridges = Bridges.for_pair(dense, sparse, config.encoder_topk_frac, seed=tc.seed)
-    bridges.dense_fingerprint = weights_fingerprint(dense)
+    bridges.dense_fingerprint = model_fingerprint(dense)
     bridges.meta = dict(dense_model=dense_ref, dense_model_name=dense.cfg.model_name)
     seq_len = tc.seq_len or min(dense.cfg.n_ctx, sparse.cfg.n_ctx)
     if seq_len > min(dense.cfg.n_ctx, sparse.cfg.n_ctx):
