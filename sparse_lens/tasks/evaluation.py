@@ -14,9 +14,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sparse_lens.tasks import CORPUS_TASKS, corpus_class_counts, get_task, list_tasks
+from sparse_lens.tasks.base import list_tasks
+from sparse_lens.tasks.corpus import CORPUS_TASKS, corpus_class_counts
 from sparse_lens.tasks.dataset import TaskData
 from sparse_lens.tasks.guard import TOO_EASY_ACCURACY, last_token_accuracy
+from sparse_lens.tasks.loading import get_task
 from sparse_lens.tasks.metrics import task_logit_diff
 
 #: The levels `evaluate_levels` reports: two generated ones and real code.
