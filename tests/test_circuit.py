@@ -226,7 +226,7 @@ def test_a_circuit_is_verified_on_the_level_it_was_pruned_at(tokenizer, tmp_path
     model, means = save_tiny_model_with_means(tokenizer, tmp_path / "tiny")
     circuit = prune(model, "single_double_quote", means=means, steps=2, n_train=8, n_eval=8,
                     target_loss=5.0, level="hard", progress=False)
-    held_out = circuit._task_data(n=8)
+    held_out = circuit.task_data(n=8)
     hard = get_task("single_double_quote", tokenizer, n=8, split="test", level="hard")
     core = get_task("single_double_quote", tokenizer, n=8, split="test")
     assert held_out.prompts == hard.prompts != core.prompts
