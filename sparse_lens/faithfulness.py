@@ -45,7 +45,7 @@ from jaxtyping import Int
 from sparse_lens.ablation import ABLATION_MODES, Ablation, ablated_nodes
 from sparse_lens.hooks import keep_mask_from_ids
 from sparse_lens.search import PruneConfig, prune_task_data, search_nodes
-from sparse_lens.task_loss import answer_pairs, final_logit_pairs, pair_accuracy, pair_loss
+from sparse_lens.task_loss import answer_pairs, final_logit_pairs, pair_loss
 
 COLUMNS = ("check", "value", "reference", "passed", "verdict", "detail")
 
