@@ -75,8 +75,9 @@ class Circuit:
     ablation_values: Float[torch.Tensor, " n_nodes"] | None = None
     # (prompt tokens, candidate tokens) of the embed/unembed edges (None: `edges.edge_tokens`)
     edge_tokens: tuple[list[int], list[int]] | None = None
-    # the one mutable part: "verification" and "faithfulness" tables, once computed
-    results: dict = field(default_factory=dict, repr=False)
+    # the one mutable part: "verification" and "faithfulness" tables, once computed (not an
+    # argument: a new record, `dataclasses.replace` included, starts with none)
+    results: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalising a frozen record's fields, once
