@@ -34,7 +34,8 @@ import torch
 from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
 
 #: Every place AbsTopK can run, with the TransformerLens hook that sees the result.
-#: The names are those of OpenAI's circuit_sparsity release.
+#: The names are those of OpenAI's circuit_sparsity release. The one table of our hook names:
+#: the node registry (`hooks.nodes.NODE_HOOKS`) and the bridges' edit derive theirs from it.
 TOPK_LOCATIONS: dict[str, str] = {
     "attn_in": "blocks.{layer}.hook_attn_read",  # post-norm input of attention
     "attn_q": "blocks.{layer}.attn.hook_q",  # over all heads' channels together

@@ -44,7 +44,8 @@ from jaxtyping import Int
 
 from sparse_lens.ablation import ABLATION_MODES, Ablation, ablated_nodes
 from sparse_lens.hooks import keep_mask_from_ids
-from sparse_lens.pruning import PruneConfig, _pairs, final_logit_pairs, pair_accuracy, pair_loss, prune
+from sparse_lens.search import PruneConfig, prune_task_data, search_nodes
+from sparse_lens.task_loss import answer_pairs, final_logit_pairs, pair_loss
 
 COLUMNS = ("check", "value", "reference", "passed", "verdict", "detail")
 
@@ -92,7 +93,7 @@ def faithfulness(circuit, config: FaithfulnessConfig | None = None, corpus_token
     was_training = model.training
     model.eval()
     try:
-        test = circuit._task_data(split="test", n=config.n, seed=config.seed)
+        test = circuit.task_data(split="test", n=config.n, seed=config.seed)
         modes = mode_losses(circuit, test, config)
         keep = max(_target(circuit), modes[circuit.ablation_mode]) + config.tolerance
         rows = []
@@ -135,11 +136,13 @@ def control_search(model, task, circuit, config: FaithfulnessConfig, means) -> t
     (nodes of the smallest circuit under the target or None, the best loss it evaluated)."""
     prune_config = circuit.config if isinstance(circuit.config, PruneConfig) else PruneConfig()
     steps = config.control_steps or prune_config.steps
-    found = prune(model, task, prune_config, means=means, force_search=True, progress=False,
-                  steps=steps, seed=prune_config.seed + config.seed)
-    best = min([loss for _, loss in found.bisection] + [found.losses["circuit"]])
+    search = dataclasses.replace(prune_config, force_search=True, progress=False, steps=steps,
+                                 seed=prune_config.seed + config.seed)
+    _, train, evaluate, _ = prune_task_data(model, task, search)
+    found = search_nodes(model, train, evaluate, means, search)
+    best = min([loss for _, loss in found.curve] + [found.losses["circuit"]])
     reached = found.losses["circuit"] <= prune_config.target_loss
-    return (found.n_nodes if reached else None), best
+    return (len(found.node_ids) if reached else None), best
 
 
 def _control_row(check: str, circuit, nodes: int | None, best: float, config, what: str) -> dict:
@@ -157,7 +160,7 @@ def _control_row(check: str, circuit, nodes: int | None, best: float, config, wh
 
 def nonsense_row(circuit, config: FaithfulnessConfig) -> dict:
     prune_config = circuit.config if isinstance(circuit.config, PruneConfig) else PruneConfig()
-    data = circuit.data if circuit.data is not None else circuit._task_data(
+    data = circuit.data if circuit.data is not None else circuit.task_data(
         split="train", n=prune_config.n_eval, seed=prune_config.seed + 1)
     nonsense = shuffled_answers(data.to(circuit.model.cfg.device), seed=config.seed)
     nodes, best = control_search(circuit.model, nonsense, circuit, config, circuit.means)
@@ -261,11 +264,10 @@ def interchange_rates(circuit, data, seed: int = 0, batch_size: int = 32) -> dic
             source = data[source_idx[start:start + batch_size]]
             # equal lengths: the source's last position and candidates apply to the base's run
             runs = dict(patched=masker.logits(model, base, donors=source))
-            masker.mask = torch.ones(reg.n_nodes, device=model.cfg.device)
-            runs.update(full=model(source.tokens), unpatched=model(base.tokens))
-            masker.mask = (1 - circuit.mask).to(model.cfg.device)
+            with masker.using(torch.ones(reg.n_nodes, device=model.cfg.device)):
+                runs.update(full=model(source.tokens), unpatched=model(base.tokens))
             for key, logits in runs.items():
-                pairs = _pairs(logits, source)
+                pairs = answer_pairs(logits, source)
                 follows[key].append(pairs[:, 0] > pairs[:, 1])
     rates = {k: torch.cat(v).float().mean().item() for k, v in follows.items()}
     return dict(rates, pairs=len(base_idx))
@@ -298,7 +300,7 @@ def mode_losses(circuit, data, config: FaithfulnessConfig) -> dict[str, float]:
         else:
             if mode in ("task_mean", "resample") and train is None:
                 n_train = getattr(circuit.config, "n_train", 512)
-                train = circuit._task_data(split="train", n=n_train, seed=getattr(circuit.config, "seed", 0))
+                train = circuit.task_data(split="train", n=n_train, seed=getattr(circuit.config, "seed", 0))
             ablation = Ablation.build(mode, model, circuit.means, train, seed=config.seed)
         with ablated_nodes(model, reg, circuit.mask, ablation) as masker:
             out[mode] = pair_loss(final_logit_pairs(model, data, masker))

@@ -339,10 +339,27 @@ def test_the_node_chosen_by_its_effect_is_the_one_the_sparse_model_reads():
     assert ranked.sparse_effect.iloc[1] == 0.0
 
 
+def test_the_edit_node_is_chosen_in_the_edit_module():
+    from sparse_lens.bridges.edit import choose_edit_node
+
+    _, sparse, _ = hand_built_pair()
+    task = hand_task()
+    task.tokens[:, 9] = torch.where(task.labels == 0, 10, 11)
+    table = B.class_separation(sparse, task)
+    registry = NodeRegistry.for_model(sparse)
+    label = f"L1.mlp_write[{CHANNEL}]"
+    for node in (label, registry.id_of_label(label), str(registry.id_of_label(label))):
+        row, notes = choose_edit_node(sparse, task.name, task, table, node=node)
+        assert row.label == label and notes == []
+    row, notes = choose_edit_node(sparse, task.name, task, table, target_loss=None, n_candidates=4)
+    assert row.id in set(table.head(4).id) and "best-separating" in notes[-1]
+
+
 def test_site_after_and_node_labels():
     bridges = B.Bridges(2, 32, 32, 2048)
     cases = {"hook_embed": 0, "blocks.0.attn.hook_v": 1, "blocks.1.hook_attn_read": 3,
-             "blocks.1.mlp.hook_post": 4, "blocks.0.hook_mlp_out": 2, "blocks.1.hook_resid_pre": 2}
+             "blocks.1.mlp.hook_post": 4, "blocks.0.hook_mlp_out": 2, "blocks.1.hook_resid_pre": 2,
+             "blocks.0.hook_resid_mid": 2, "blocks.0.ln2.hook_scale": 2, "blocks.1.attn.hook_pattern": 3}
     assert {k: B.site_after(bridges, k).index for k in cases} == cases
     with pytest.raises(ValueError, match="pass site="):
         B.site_after(bridges, "unembed.hook_out")

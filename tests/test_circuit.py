@@ -226,7 +226,122 @@ def test_a_circuit_is_verified_on_the_level_it_was_pruned_at(tokenizer, tmp_path
     model, means = save_tiny_model_with_means(tokenizer, tmp_path / "tiny")
     circuit = prune(model, "single_double_quote", means=means, steps=2, n_train=8, n_eval=8,
                     target_loss=5.0, level="hard", progress=False)
-    held_out = circuit._task_data(n=8)
+    held_out = circuit.task_data(n=8)
     hard = get_task("single_double_quote", tokenizer, n=8, split="test", level="hard")
     core = get_task("single_double_quote", tokenizer, n=8, split="test")
     assert held_out.prompts == hard.prompts != core.prompts
+
+
+# ------------------------------------------------------------------ ids, the record, hooks
+def planted(reg):
+    return [reg.ids_of("mlp_read", 0, READ), reg.ids_of("neuron", 0, NEURON),
+            reg.ids_of("mlp_write", 0, WRITE), reg.ids_of("attn_write", 0, READ)]
+
+
+def test_edge_ids_round_trip_to_the_registry(model, means):
+    from sparse_lens.edges import NO_ID
+    from sparse_lens.hooks import NodeKind
+
+    reg = NodeRegistry.for_model(model)
+    edges = Circuit(model, "x_or_y", planted(reg), None, means, PruneConfig(), {}, data=hand_task()).edges
+    for side in ("source", "target"):
+        nodes = edges[edges[f"{side}_id"] != NO_ID]
+        assert nodes[f"{side}_token"].eq(NO_ID).all()
+        assert reg.labels(nodes[f"{side}_id"].tolist()) == nodes[side].tolist()
+        assert [reg.id_of_label(label) for label in nodes[side]] == nodes[f"{side}_id"].tolist()
+    embed, unembed = edges[edges.kind == "embed"], edges[edges.kind == "unembed"]
+    assert sorted(embed.source_token) == [X, Y] and embed.source_id.eq(NO_ID).all()
+    assert sorted(set(unembed.target_token)) == [A, B] and unembed.target_id.eq(NO_ID).all()
+    kinds = reg.describe(edges[edges.kind == "residual"].target_id).kind.tolist()
+    assert kinds == [NodeKind.MLP_READ] and kinds == ["mlp_read"]  # an enum that is a str
+
+
+class PartialBytes:
+    """A tokenizer whose X and Y decode to no whole character, as partial UTF-8 bytes do."""
+
+    def decode(self, ids):
+        return "\ufffd" if ids[0] in (X, Y) else str(ids[0])
+
+
+def test_two_partial_byte_tokens_stay_two_tokens_in_the_edges_and_the_graph(model, means, monkeypatch):
+    from sparse_lens.viz import circuit_graph
+
+    monkeypatch.setattr(model, "tokenizer", PartialBytes())
+    reg = NodeRegistry.for_model(model)
+    circuit = Circuit(model, "x_or_y", planted(reg), None, means, PruneConfig(), {}, data=hand_task(),
+                      edge_tokens=([X, Y], [A, B]))
+    embed = circuit.edges[circuit.edges.kind == "embed"]
+    assert sorted(embed.source_token) == [X, Y]
+    assert embed.source.nunique() == 2  # the display labels show the ids: embed['\ufffd' #1]
+    assert circuit_graph(circuit).body.count('data-kind="embed"') == 2
+
+
+def test_circuit_is_a_record_loaded_by_keyword(model, means, tmp_path):
+    import dataclasses
+
+    from sparse_lens.task_loss import Calibration
+
+    reg = NodeRegistry.for_model(model)
+    circuit = Circuit(model=model, task="x_or_y", node_ids=[9, 3, 5], tau=torch.linspace(-1, 1, reg.n_nodes),
+                      means=means, config=PruneConfig(ablation="zero", steps=7), losses={"circuit": 0.1},
+                      calibration=Calibration(2.0, {A: 0.5, B: -0.5}), solved=True, bisection=[(3, 0.2)],
+                      seconds=1.5, ablation_values=torch.zeros(reg.n_nodes), edge_tokens=([X], [A, B]))
+    assert circuit.node_ids == [3, 5, 9]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        circuit.task = "other"
+    loaded = Circuit.load(circuit.save(tmp_path / "c"), model, data=hand_task())
+    for f in dataclasses.fields(Circuit):
+        if f.name in ("model", "results", "data"):  # data: given to load, not saved
+            continue
+        a, b = getattr(circuit, f.name), getattr(loaded, f.name)
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b)
+        else:
+            assert a == b, f.name
+    assert loaded.verification is None
+    table = loaded.verify(n=8, n_random=2)
+    assert loaded.verification is table and loaded.results == {"verification": table}
+
+
+def test_repr_of_a_pruned_circuit_generates_no_prompts(model, means, monkeypatch):
+    import dataclasses
+
+    import sparse_lens.circuit_eval
+
+    circuit = prune(model, hand_task(), means=means, steps=5, progress=False)
+    text = repr(circuit)
+
+    def no_prompts(*args, **kwargs):
+        raise AssertionError("repr generated task prompts")
+
+    monkeypatch.setattr(sparse_lens.circuit_eval, "task_examples", no_prompts)
+    fresh = dataclasses.replace(circuit)  # no cached edges: the saved edge tokens are used
+    assert repr(fresh) == text and fresh.results == {}
+
+
+def test_mask_hooks_leave_the_users_hooks_even_on_an_exception(model, means):
+    reg = NodeRegistry.for_model(model)
+    site = model.blocks[0].hook_mlp_out
+    mine = lambda x, hook: x  # noqa: E731
+    try:
+        site.add_hook(mine)  # a permanent-style user hook, outside any context
+        with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", mine)]):  # and one in the user's context
+            with pytest.raises(RuntimeError, match="boom"):
+                with masked_nodes(model, reg, torch.ones(reg.n_nodes), means):
+                    assert len(site.fwd_hooks) == 3
+                    raise RuntimeError("boom")
+            assert len(site.fwd_hooks) == 2
+            assert sum(len(model.hook_dict[s.hook_name].fwd_hooks) for s in reg.sites) == 2
+        assert len(site.fwd_hooks) == 1
+    finally:
+        model.reset_hooks()
+
+
+def test_final_logit_pairs_takes_the_mask_without_keeping_it(model, means):
+    from sparse_lens.task_loss import final_logit_pairs
+
+    reg = NodeRegistry.for_model(model)
+    ones = torch.ones(reg.n_nodes)
+    with masked_nodes(model, reg, ones, means) as masker:
+        final_logit_pairs(model, hand_task(), masker, keep_mask_from_ids(reg, planted(reg)))
+        assert torch.equal(masker.mask, ones)

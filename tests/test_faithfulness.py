@@ -22,6 +22,7 @@ survive normalisation).
   interchange rightly passes; partial restoration and the other ablation modes flag it.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -151,10 +152,8 @@ def circuit_of(model, means, ids, mode="mean") -> Circuit:
     circuit = Circuit(model, "x_or_y", ids, None, means, config, {}, data=hand_task(), ablation_values=values)
     full = pair_loss(final_logit_pairs(model, hand_task()))
     with ablated_nodes(model, circuit.registry, circuit.mask, circuit.ablation) as masker:
-        circuit.losses = dict(full_model=full,
-                              circuit=pair_loss(final_logit_pairs(model, hand_task(), masker)))
-    circuit.solved = circuit.losses["circuit"] <= config.target_loss
-    return circuit
+        losses = dict(full_model=full, circuit=pair_loss(final_logit_pairs(model, hand_task(), masker)))
+    return dataclasses.replace(circuit, losses=losses, solved=losses["circuit"] <= config.target_loss)
 
 
 # ---------------------------------------------------------------------- ablation modes

@@ -219,13 +219,18 @@ def test_neuron_view_shows_roles_prompts_and_corpus_snippets(circuit, stream):
     assert '"<"' not in view.body and '" <"' not in view.body and "\\u003c" in view.body
 
 
-def test_neuron_view_caps_the_nodes_and_reads_the_default_corpus(circuit, monkeypatch, tmp_path):
-    monkeypatch.setenv("SPARSE_LENS_CACHE", str(tmp_path))
-    view = neuron_view(circuit, max_nodes=3, n_prompts=1, n_rank_prompts=4, n_windows=4,
-                       corpus_files=3)
+def test_neuron_view_caps_the_nodes_and_without_a_corpus_loads_none(circuit, monkeypatch):
+    import sparse_lens.data
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the view must not load a corpus itself")
+
+    monkeypatch.setattr(sparse_lens.data, "load_corpus", no_loading)
+    view = neuron_view(circuit, max_nodes=3, n_prompts=1, n_rank_prompts=4, n_windows=4)
     assert "Showing 3 of the circuit's 9 nodes (capped)" in view.body
-    (_, prompts), (_, snippets) = mounts(view.body)
-    assert len(prompts["secondDimensionLabels"]) == 3 and len(snippets["tokens"][0]) == 3
+    assert "No corpus snippets: no corpus was given" in view.body
+    (_, prompts), = mounts(view.body)  # the prompts' activations only
+    assert len(prompts["secondDimensionLabels"]) == 3
 
 
 def test_the_capped_neuron_view_picks_the_nodes_that_tell_the_answers_apart(task_data, tokenizer):

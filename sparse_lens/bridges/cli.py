@@ -22,7 +22,12 @@ def add_bridges_parser(sub) -> None:
                        "model's and back at every layer boundary, so that an edit in the sparse "
                        "model can be carried into the dense one.")
     bsub = b.add_subparsers(dest="bridges_command", required=True)
+    _add_train_parser(bsub)
+    _add_eval_parser(bsub)
+    _add_edit_parser(bsub)
 
+
+def _add_train_parser(bsub) -> None:
     t = bsub.add_parser("train", help="train a sparse model with its bridges against a frozen dense model")
     t.add_argument("--dense", type=Path, required=True,
                    help="the dense model directory (e.g. runs/small-dense)")
@@ -46,6 +51,8 @@ def add_bridges_parser(sub) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_bridges_train)
 
+
+def _add_eval_parser(bsub) -> None:
     e = bsub.add_parser("eval", help="the table of hybrid-pass KL at each residual site")
     e.add_argument("--dense", type=Path, required=True)
     e.add_argument("--model", type=Path, required=True, help="the bridged model directory")
@@ -56,6 +63,8 @@ def add_bridges_parser(sub) -> None:
     e.add_argument("--device", default=None)
     e.set_defaults(func=cmd_bridges_eval)
 
+
+def _add_edit_parser(bsub) -> None:
     d = bsub.add_parser("edit", help="perturb a sparse-model node, carry it into the dense model")
     d.add_argument("--dense", type=Path, required=True)
     d.add_argument("--model", type=Path, required=True, help="the bridged model directory")
@@ -151,10 +160,9 @@ def cmd_bridges_eval(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------- edit
 def cmd_bridges_edit(args: argparse.Namespace) -> int:
     from sparse_lens.bridges.edit import (
-        class_flip_shift, class_separation, node_shift, rank_by_sparse_effect, task_edit_effect,
+        choose_edit_node, class_flip_shift, class_separation, node_shift, task_edit_effect,
     )
-    from sparse_lens.hooks import NodeRegistry, node_means_for
-    from sparse_lens.pruning import PruneConfig, prune
+    from sparse_lens.hooks import NodeRegistry
     from sparse_lens.tasks import get_task
 
     dense, sparse, bridges = _load_pair(args)
@@ -162,28 +170,10 @@ def cmd_bridges_edit(args: argparse.Namespace) -> int:
     probe = get_task(args.task, sparse.tokenizer, n=args.n, split="train", seed=0)
     test = get_task(args.task, sparse.tokenizer, n=args.n, split="test", seed=0)
     separation = class_separation(sparse, probe, registry)
-    notes = []
-    if args.node == "auto":
-        candidates = separation
-        if str(args.target_loss).lower() != "none":
-            target = float(args.target_loss)
-            means = node_means_for(sparse, args.model)
-            circuit = prune(sparse, args.task, PruneConfig(target_loss=target, steps=args.prune_steps,
-                                                           progress=not args.no_progress), means=means)
-            notes.append(repr(circuit))
-            if circuit.full_model_misses_target or not circuit.node_ids:
-                why = "misses even the loose target" if circuit.node_ids else "needs no node for"
-                notes.append(f"the sparse model {why} {target}: the node is chosen among all nodes")
-            else:
-                candidates = separation[separation.id.isin(circuit.node_ids)]
-        candidates = rank_by_sparse_effect(sparse, probe, candidates.head(args.candidates), args.strength)
-        notes.append(f"chosen among the {len(candidates)} best-separating nodes as the one whose edit "
-                     f"moves the sparse model most towards the other answer on the {args.n} train "
-                     f"prompts (mean signed log-odds change {candidates.sparse_effect.iloc[0]:+.4f})")
-        row = candidates.iloc[0]
-    else:
-        nid = _node_id(registry, args.node)
-        row = separation[separation.id == nid].iloc[0]
+    target = None if str(args.target_loss).lower() == "none" else float(args.target_loss)
+    row, notes = choose_edit_node(sparse, args.task, probe, separation, args.node, target,
+                                  args.candidates, args.prune_steps, args.strength,
+                                  model_dir=args.model, progress=not args.no_progress)
     edit = node_shift(registry, int(row.id), class_flip_shift(row, test.labels, args.strength))
     table, summary = task_edit_effect(dense, sparse, bridges, test, edit)
     first = int((test.labels == 0).nonzero()[0])
@@ -222,12 +212,6 @@ def _load_pair(args):
     dense.eval()
     sparse.eval()
     return dense, sparse, bridges
-
-
-def _node_id(registry, label: str) -> int:
-    from sparse_lens.bridges.edit import node_id
-
-    return node_id(registry, int(label) if label.isdigit() else label)
 
 
 def markdown_table(frame, digits: int = 4) -> str:

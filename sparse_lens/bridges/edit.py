@@ -32,10 +32,23 @@ from torch import Tensor
 
 from sparse_lens.bridges.hybrid import HookFn, run_capturing
 from sparse_lens.bridges.modules import BridgeSite, Bridges
+from sparse_lens.config import TOPK_LOCATIONS
 from sparse_lens.hooks import NodeRegistry
+from sparse_lens.hooks.nodes import node_label
 
-_ATTN_PARTS = ("attn.", "ln1.", "hook_attn_read", "hook_attn_out", "hook_resid_pre")
-_MLP_PARTS = ("mlp.", "ln2.", "hook_mlp_read", "hook_mlp_out", "hook_resid_mid", "hook_resid_post")
+#: TransformerLens submodules of a block, by the block whose output first sees a change there
+_ATTN_MODULES, _MLP_MODULES = ("attn", "ln1"), ("mlp", "ln2")
+
+
+def _block_of(rest: str) -> str | None:
+    """"attn" or "mlp": the part of a block that hook `blocks.L.<rest>` belongs to (our named
+    hooks by `config.TOPK_LOCATIONS`: attention's locations are `attn_*`; the residual after
+    attention, as the MLP's input, counts with the MLP), else by TransformerLens submodule."""
+    for location, template in TOPK_LOCATIONS.items():
+        if template.format(layer=0).removeprefix("blocks.0.") == rest:
+            return "attn" if location.startswith("attn_") else "mlp"
+    module = rest.split(".")[0]
+    return "attn" if module in _ATTN_MODULES else "mlp" if module in _MLP_MODULES else None
 
 
 @dataclass
@@ -62,10 +75,9 @@ def site_after(bridges: Bridges, hook_name: str) -> BridgeSite:
         layer, rest = int(match.group(1)), match.group(2)
         if rest == "hook_resid_pre":
             return bridges.sites[2 * layer]
-        if rest.startswith(_ATTN_PARTS):
-            return bridges.sites[2 * layer + 1]
-        if rest.startswith(_MLP_PARTS):
-            return bridges.sites[2 * layer + 2]
+        block = _block_of(rest)
+        if block is not None:
+            return bridges.sites[2 * layer + (1 if block == "attn" else 2)]
     raise ValueError(f"cannot tell which bridge site follows {hook_name!r}; pass site= explicitly")
 
 
@@ -125,24 +137,20 @@ class NodeShift:
 
 
 def node_id(registry: NodeRegistry, node: int | str) -> int:
-    """A node's id from its id or its label (`"L1.mlp_write[12]"`, `"L0.q[h3.2]"`)."""
+    """A node's id from its id, or from a label a user typed (`"L1.mlp_write[12]"`,
+    `"L0.q[h3.2]"`, or the id as text: `NodeRegistry.id_of_label` reads it)."""
+    if isinstance(node, str) and node.strip().isdigit():
+        node = int(node)
     if isinstance(node, int):
         if not 0 <= node < registry.n_nodes:
             raise ValueError(f"node id {node} out of range [0, {registry.n_nodes})")
         return node
-    match = re.fullmatch(r"L(\d+)\.(\w+)\[(?:h(\d+)\.)?(\d+)\]", node.strip())
-    if not match:
-        raise ValueError(f"cannot read node label {node!r}; write e.g. 'L1.mlp_write[12]' or 'L0.q[h3.2]'")
-    layer, kind, head, channel = match.groups()
-    index = (int(head), int(channel)) if head is not None else int(channel)
-    return registry.ids_of(kind, int(layer), index)
+    return registry.id_of_label(node)
 
 
 def node_shift(registry: NodeRegistry, node: int | str, shift: Float[Tensor, " batch"] | float,
                batch: int | None = None) -> NodeShift:
     """A `NodeShift` of `node` (id or label) by `shift` (one value, or one per prompt)."""
-    from sparse_lens.circuit import node_label
-
     nid = node_id(registry, node)
     row = next(registry.describe([nid]).itertuples())
     site = registry.site(row.hook_name)
@@ -158,8 +166,6 @@ def class_separation(model, data, registry: NodeRegistry | None = None) -> pd.Da
     """For every node, its mean at the final prompt token over each class of `data` (a TaskData
     with labels 0/1), the pooled standard deviation and `separation = (mean_1 - mean_0) / std`
     (0 for a constant node). Sorted by |separation|, largest first."""
-    from sparse_lens.circuit import node_label
-
     if data.labels is None or set(data.labels.tolist()) != {0, 1}:
         raise ValueError("class_separation needs task data with both labels 0 and 1")
     registry = registry or NodeRegistry.for_model(model)
@@ -217,6 +223,38 @@ def rank_by_sparse_effect(sparse, data, candidates: pd.DataFrame, strength: floa
         effects.append(total / len(data))
     ranked = candidates.assign(sparse_effect=effects)
     return ranked.sort_values("sparse_effect", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def choose_edit_node(sparse, task: str, probe, separation: pd.DataFrame, node: int | str = "auto",
+                     target_loss: float | None = 0.7, n_candidates: int = 16, prune_steps: int = 100,
+                     strength: float = 1.0, model_dir=None, progress: bool = True):
+    """The node a bridge edit shifts, and notes on how it was chosen: `(row of separation,
+    notes)`. `node`: an id or label (that node), or "auto": among the nodes of the circuit for
+    `task` pruned to `target_loss` (None, or no circuit: all nodes), the `n_candidates` that best
+    separate the classes (`separation`, from `class_separation` on `probe`), the one whose edit
+    moves the sparse model most on `probe` (`rank_by_sparse_effect`)."""
+    if node != "auto":
+        nid = node_id(NodeRegistry.for_model(sparse), node)
+        return separation[separation.id == nid].iloc[0], []
+    from sparse_lens.hooks import node_means_for
+    from sparse_lens.pruning import PruneConfig, prune
+
+    candidates, notes = separation, []
+    if target_loss is not None:
+        means = node_means_for(sparse, model_dir)
+        circuit = prune(sparse, task, PruneConfig(target_loss=target_loss, steps=prune_steps,
+                                                  progress=progress), means=means)
+        notes.append(repr(circuit))
+        if circuit.full_model_misses_target or not circuit.node_ids:
+            why = "misses even the loose target" if circuit.node_ids else "needs no node for"
+            notes.append(f"the sparse model {why} {target_loss}: the node is chosen among all nodes")
+        else:
+            candidates = separation[separation.id.isin(circuit.node_ids)]
+    candidates = rank_by_sparse_effect(sparse, probe, candidates.head(n_candidates), strength)
+    notes.append(f"chosen among the {len(candidates)} best-separating nodes as the one whose edit "
+                 f"moves the sparse model most towards the other answer on the {len(probe)} train "
+                 f"prompts (mean signed log-odds change {candidates.sparse_effect.iloc[0]:+.4f})")
+    return candidates.iloc[0], notes
 
 
 # ------------------------------------------------------------------------------- on a task

@@ -14,10 +14,10 @@ from sparse_lens.hooks.means import (
     node_means_for,
     save_node_means,
 )
-from sparse_lens.hooks.nodes import NODE_HOOKS, NODE_KINDS, NodeRegistry, NodeSite
+from sparse_lens.hooks.nodes import NODE_HOOKS, NODE_KINDS, NodeKind, NodeRegistry, NodeSite, node_label
 
 __all__ = [
-    "NODE_HOOKS", "NODE_KINDS", "NodeRegistry", "NodeSite", "NodeMasker", "masked_nodes",
+    "NODE_HOOKS", "NODE_KINDS", "NodeKind", "node_label", "NodeRegistry", "NodeSite", "NodeMasker", "masked_nodes",
     "keep_mask_from_ids", "MEANS_FILE", "compute_node_means", "load_node_means",
     "save_node_means", "node_means_for",
 ]

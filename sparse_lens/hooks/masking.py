@@ -3,8 +3,9 @@
 At every node site the hook computes `mean + (x - mean) * mask`: a node with mask 1 passes, a node
 with mask 0 takes its mean over the pretraining distribution (`means.py`), at every position.
 Masks may be fractional and may carry gradients (pruning learns them through this hook).
-The hooks are registered on the model's HookPoints like any TransformerLens hook (so they show in
-`hook_point.fwd_hooks`), after AbsTopK, and are removed when the context exits, exception or not.
+The hooks are registered through TransformerLens's own `model.hooks(fwd_hooks=...)` context (so
+they show in `hook_point.fwd_hooks`), after AbsTopK, and are removed when the context exits,
+exception or not; hooks the user added stay.
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ class NodeMasker:
         self._mask_parts = {s.hook_name: masks[:, s.offset:s.offset + s.size].reshape(len(masks), 1, *s.shape)
                             for s in self.registry.sites}
 
+    @contextmanager
+    def using(self, mask: Float[torch.Tensor, " n_nodes"] | None) -> Iterator[NodeMasker]:
+        """Apply `mask` (None: the current one) for the passes inside the block, then put the
+        previous mask (or row masks) back, exception or not."""
+        if mask is None:
+            yield self
+            return
+        saved = self._mask, self._mask_parts
+        self.mask = mask
+        try:
+            yield self
+        finally:
+            self._mask, self._mask_parts = saved
+
     def hook_for(self, hook_name: str):
         mean = self._mean_parts[hook_name]
 
@@ -88,21 +103,11 @@ def masked_nodes(
 
 @contextmanager
 def attached(model, masker: NodeMasker) -> Iterator[NodeMasker]:
-    """Register `masker`'s hook at every node site of `model`; remove exactly those hooks on
-    exit, exception or not (the user's own hooks stay)."""
-    hook_points = model.hook_dict
-    added = []
-    try:
-        for site in masker.registry.sites:
-            point = hook_points[site.hook_name]
-            point.add_hook(masker.hook_for(site.hook_name), dir="fwd")
-            added.append((point, point.fwd_hooks[-1]))
+    """Register `masker`'s hook at every node site of `model` through `model.hooks(...)`, which
+    removes exactly those hooks on exit, exception or not (the user's own hooks stay)."""
+    hooks = [(site.hook_name, masker.hook_for(site.hook_name)) for site in masker.registry.sites]
+    with model.hooks(fwd_hooks=hooks):
         yield masker
-    finally:
-        for point, handle in added:
-            handle.hook.remove()
-            if handle in point.fwd_hooks:
-                point.fwd_hooks.remove(handle)
 
 
 def keep_mask_from_ids(registry: NodeRegistry, ids, device=None) -> Float[torch.Tensor, " n_nodes"]:

@@ -24,32 +24,56 @@ index of the hook's trailing dimensions), so a mask or a mean over nodes is one 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 
-#: node kind -> hook name template, in node-numbering order within a layer
-NODE_HOOKS: dict[str, str] = {
-    "attn_read": "blocks.{layer}.hook_attn_read",
-    "q": "blocks.{layer}.attn.hook_q",
-    "k": "blocks.{layer}.attn.hook_k",
-    "v": "blocks.{layer}.attn.hook_v",
-    "attn_write": "blocks.{layer}.hook_attn_out",
-    "mlp_read": "blocks.{layer}.hook_mlp_read",
-    "neuron": "blocks.{layer}.mlp.hook_post",
-    "mlp_write": "blocks.{layer}.hook_mlp_out",
+from sparse_lens.config import TOPK_LOCATIONS
+
+
+class NodeKind(StrEnum):
+    """A kind of node, in node-numbering order within a layer. A `str`: compares equal to its
+    name (`NodeKind.Q == "q"`) and is saved as it."""
+
+    ATTN_READ = "attn_read"
+    Q = "q"
+    K = "k"
+    V = "v"
+    ATTN_WRITE = "attn_write"
+    MLP_READ = "mlp_read"
+    NEURON = "neuron"
+    MLP_WRITE = "mlp_write"
+
+
+#: node kind -> its `config.TOPK_LOCATIONS` entry (the one table of hook names)
+NODE_LOCATIONS: dict[NodeKind, str] = {
+    NodeKind.ATTN_READ: "attn_in", NodeKind.Q: "attn_q", NodeKind.K: "attn_k",
+    NodeKind.V: "attn_v", NodeKind.ATTN_WRITE: "attn_out", NodeKind.MLP_READ: "mlp_in",
+    NodeKind.NEURON: "mlp_neuron", NodeKind.MLP_WRITE: "mlp_out",
 }
-NODE_KINDS: tuple[str, ...] = tuple(NODE_HOOKS)
-HEAD_KINDS = ("q", "k", "v")
+#: node kind -> hook name template (derived from `config.TOPK_LOCATIONS`)
+NODE_HOOKS: dict[NodeKind, str] = {kind: TOPK_LOCATIONS[loc] for kind, loc in NODE_LOCATIONS.items()}
+NODE_KINDS: tuple[NodeKind, ...] = tuple(NodeKind)
+HEAD_KINDS = (NodeKind.Q, NodeKind.K, NodeKind.V)
+_LABEL = re.compile(r"L(\d+)\.(\w+)\[(?:h(\d+)\.)?(\d+)\]")
+
+
+def node_label(row) -> str:
+    """The display label of a `NodeRegistry.table()` row: `L1.q[h3.2]`, `L0.neuron[57]`,
+    `L2.attn_write[12]`. For display only: code identifies nodes by id."""
+    idx = f"h{row.head}.{row.channel}" if row.head >= 0 else f"{row.channel}"
+    return f"L{row.layer}.{row.kind}[{idx}]"
 
 
 @dataclass(frozen=True)
 class NodeSite:
     """One hook's block of nodes: global ids `offset .. offset + size - 1`."""
 
-    kind: str
+    kind: NodeKind
     layer: int
     hook_name: str
     shape: tuple[int, ...]  # the hook's trailing dims (after batch, pos)
@@ -81,7 +105,7 @@ class NodeRegistry:
                          d_mlp=d_mlp, d_read=d_read)
         sites, offset = [], 0
         for layer in range(n_layers):
-            for kind, template in NODE_HOOKS.items():
+            for kind, template in NODE_HOOKS.items():  # kind: a NodeKind
                 site = NodeSite(kind, layer, template.format(layer=layer), shapes[kind], offset)
                 sites.append(site)
                 offset += site.size
@@ -117,6 +141,20 @@ class NodeRegistry:
             raise ValueError(f"expected a vector of shape ({self.n_nodes},) (one entry per node), "
                              f"got {tuple(vector.shape)}")
         return {s.hook_name: vector[s.offset:s.offset + s.size].view(s.shape) for s in self.sites}
+
+    def id_of_label(self, label: str) -> int:
+        """The id of the node a user typed by its display label (`"L1.mlp_write[12]"`,
+        `"L0.q[h3.2]"`): the one place a label is read back."""
+        match = _LABEL.fullmatch(label.strip())
+        if not match:
+            raise ValueError(f"cannot read node label {label!r}; write e.g. 'L1.mlp_write[12]' or 'L0.q[h3.2]'")
+        layer, kind, head, channel = match.groups()
+        index = (int(head), int(channel)) if head is not None else int(channel)
+        return self.ids_of(kind, int(layer), index)
+
+    def labels(self, ids) -> list[str]:
+        """The display labels of node `ids`, in order."""
+        return [node_label(r) for r in self.describe(ids).itertuples()]
 
     def ids_of(self, kind: str, layer: int, index: int | tuple[int, ...]) -> int:
         """The global id of one node, e.g. `ids_of("neuron", 0, 5)` or `ids_of("q", 1, (3, 2))`

@@ -31,7 +31,7 @@ def attention_view(circuit, n_prompts: int = 4, split: str = "test", max_heads: 
     shown = sorted(sorted(heads, key=lambda h: -sum(heads[h].values()))[:max_heads])
     names = [f"L{layer}H{head} (q{heads[layer, head]['q']} k{heads[layer, head]['k']} "
              f"v{heads[layer, head]['v']})" for layer, head in shown]
-    data = circuit._task_data(split=split, n=n_prompts)[:n_prompts]  # hand-made data: all of it
+    data = circuit.task_data(split=split, n=n_prompts)[:n_prompts]  # hand-made data: all of it
     patterns, logits = head_patterns(circuit, data.tokens, shown)
     sink_share = 1 - patterns.sum(-1)  # [batch, head, query_pos]
 

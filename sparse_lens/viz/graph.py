@@ -11,6 +11,10 @@ Large circuits are capped: at most `max_nodes` model nodes (the most strongly co
 sum of |weight| over their edges), `max_tokens` embedding and logit tokens each, and `max_edges`
 edges (weighted edges by |weight|; residual links and q-k pairs at most a quarter of them).
 The figure says so when it is capped.
+
+Nodes are keyed by id, never by label: a model node by its node id, an embedding or logit token
+by `(kind, token id)` folded into one integer (`_end_keys`), so two tokens that decode alike
+stay two boxes.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ MARGIN, TOP = 12, 64
 class GraphNode:
     """A drawn node: a model node, or an embedding / logit token (kind `embed` / `logit`)."""
 
+    key: int  # a node id, or a token's key (`_end_keys`)
     label: str
     kind: str
     column: tuple[int, int]  # (layer or -1 for embed / n_layers for logits, stage)
@@ -55,7 +60,7 @@ def circuit_graph(circuit, max_nodes: int = 120, max_edges: int = 400, max_token
     title = f"Circuit graph ({circuit.task})"
     if circuit.n_nodes == 0:
         return View(title, '<p class="sl-note">The circuit keeps no node: nothing to draw.</p>')
-    edges = circuit.edges
+    edges = _end_keys(circuit.edges, circuit.registry.n_nodes, circuit.model.cfg.d_vocab)
     model_nodes, token_nodes = _candidate_nodes(circuit, edges)
     strength = _strength(edges)
     drawn_model = _strongest(list(model_nodes), strength, max_nodes)
@@ -76,7 +81,7 @@ def circuit_graph(circuit, max_nodes: int = 120, max_edges: int = 400, max_token
     if len(drawn_tokens) < n_tokens_total:
         capped.append(f"{len(drawn_tokens)} of {n_tokens_total} embedding/logit tokens")
     if len(drawn_edges) < len(edges):
-        n_touching_undrawn = int((~(edges.source.isin(keep) & edges.target.isin(keep))).sum())
+        n_touching_undrawn = int((~(edges.source_key.isin(keep) & edges.target_key.isin(keep))).sum())
         capped.append(f"{len(drawn_edges)} of {len(edges):,} edges"
                       + (f" ({n_touching_undrawn:,} touch undrawn nodes)" if n_touching_undrawn else ""))
     caption = (f"{len(drawn_model)} nodes, {len(drawn_tokens)} tokens, {len(drawn_edges)} edges drawn"
@@ -91,8 +96,16 @@ def circuit_graph(circuit, max_nodes: int = 120, max_edges: int = 400, max_token
 
 
 # ---------------------------------------------------------------------------- nodes
-def _candidate_nodes(circuit, edges: pd.DataFrame) -> tuple[dict[str, GraphNode], dict[str, GraphNode]]:
-    """The circuit's nodes, and the embedding / logit tokens its edges name, by label."""
+def _end_keys(edges: pd.DataFrame, n_nodes: int, d_vocab: int) -> pd.DataFrame:
+    """`edges` with `source_key` and `target_key`: the node id, or for a token end
+    `n_nodes + token` (embedding) / `n_nodes + d_vocab + token` (logit)."""
+    source = edges.source_id.where(edges.source_id >= 0, n_nodes + edges.source_token)
+    target = edges.target_id.where(edges.target_id >= 0, n_nodes + d_vocab + edges.target_token)
+    return edges.assign(source_key=source.astype("int64"), target_key=target.astype("int64"))
+
+
+def _candidate_nodes(circuit, edges: pd.DataFrame) -> tuple[dict[int, GraphNode], dict[int, GraphNode]]:
+    """The circuit's nodes, and the embedding / logit tokens its edges name, by key."""
     n_layers = circuit.model.cfg.n_layers
     model_nodes = {}
     for row in circuit.nodes.itertuples():
@@ -100,46 +113,47 @@ def _candidate_nodes(circuit, edges: pd.DataFrame) -> tuple[dict[str, GraphNode]
         short = (f"h{row.head} {row.kind}{row.channel}" if row.kind in HEAD_KINDS
                  else f"{row.kind}[{row.channel}]")
         tau = f"tau {row.tau:+.3f}" if hasattr(row, "tau") else "tau (not saved)"
-        model_nodes[row.label] = GraphNode(
-            label=row.label, kind=row.kind, column=(row.layer, STAGE_OF_KIND[row.kind]),
+        model_nodes[row.id] = GraphNode(
+            key=row.id, label=row.label, kind=str(row.kind), column=(row.layer, STAGE_OF_KIND[row.kind]),
             order=(*head_order, row.channel), short=short,
             title=f"{row.label}\nhook {row.hook_name}\n{tau}\nablation mean {row.mean:+.4f}")
     token_nodes = {}
     for kind, side, column in (("embed", "source", (-1, 0)), ("logit", "target", (n_layers, 0))):
         edge_kind = "embed" if kind == "embed" else "unembed"
-        for label in edges.loc[edges.kind == edge_kind, side].unique():
-            token = label[len(kind) + 1:-1]  # embed['x'] -> 'x'
-            token_nodes[label] = GraphNode(label=label, kind=kind, column=column, order=(label,),
-                                           short=token, title=label)
+        ends = edges.loc[edges.kind == edge_kind, [f"{side}_key", side, f"{side}_token"]].drop_duplicates()
+        for key, label, token in ends.itertuples(index=False):
+            text = label[len(kind) + 1:-1]  # the display label's text: embed['x'] -> 'x'
+            token_nodes[key] = GraphNode(key=key, label=label, kind=kind, column=column,
+                                         order=(label, token), short=text, title=f"{label} (token {token})")
     return model_nodes, token_nodes
 
 
-def _strength(edges: pd.DataFrame) -> dict[str, float]:
+def _strength(edges: pd.DataFrame) -> dict[int, float]:
     """Sum of |weight| over each node's weighted edges (0 for nodes with none)."""
     weighted = edges[edges.kind.isin(WEIGHTED_KINDS)]
     w = weighted.weight.abs()
-    total = pd.concat([w.groupby(weighted.source).sum(), w.groupby(weighted.target).sum()])
+    total = pd.concat([w.groupby(weighted.source_key).sum(), w.groupby(weighted.target_key).sum()])
     return total.groupby(level=0).sum().to_dict()
 
 
-def _strongest(labels: list[str], strength: dict[str, float], cap: int) -> list[str]:
-    if len(labels) <= cap:
-        return labels
-    ranked = sorted(labels, key=lambda n: -strength.get(n, 0.0))[:cap]
+def _strongest(keys: list[int], strength: dict[int, float], cap: int) -> list[int]:
+    if len(keys) <= cap:
+        return keys
+    ranked = sorted(keys, key=lambda n: -strength.get(n, 0.0))[:cap]
     chosen = set(ranked)
-    return [n for n in labels if n in chosen]  # keep the original order
+    return [n for n in keys if n in chosen]  # keep the original order
 
 
-def _tokens_touching(edges: pd.DataFrame, kind: str, nodes: set[str]) -> set[str]:
+def _tokens_touching(edges: pd.DataFrame, kind: str, nodes: set[int]) -> set[int]:
     if kind == "embed":
-        sel = edges[(edges.kind == "embed") & edges.target.isin(nodes)]
-        return set(sel.source)
-    sel = edges[(edges.kind == "unembed") & edges.source.isin(nodes)]
-    return set(sel.target)
+        sel = edges[(edges.kind == "embed") & edges.target_key.isin(nodes)]
+        return set(sel.source_key)
+    sel = edges[(edges.kind == "unembed") & edges.source_key.isin(nodes)]
+    return set(sel.target_key)
 
 
-def _select_edges(edges: pd.DataFrame, nodes: set[str], max_edges: int) -> pd.DataFrame:
-    inside = edges[edges.source.isin(nodes) & edges.target.isin(nodes)]
+def _select_edges(edges: pd.DataFrame, nodes: set[int], max_edges: int) -> pd.DataFrame:
+    inside = edges[edges.source_key.isin(nodes) & edges.target_key.isin(nodes)]
     structural = inside[~inside.kind.isin(WEIGHTED_KINDS)].head(max(1, max_edges // 4))
     weighted = inside[inside.kind.isin(WEIGHTED_KINDS)]
     weighted = weighted.loc[weighted.weight.abs().sort_values(ascending=False, kind="stable").index]
@@ -152,7 +166,7 @@ def render_svg(nodes: list[GraphNode], edges: pd.DataFrame, caption: str, n_laye
     """The SVG: column headers, head groups, edges under the node boxes, hover titles."""
     columns = sorted({n.column for n in nodes})
     x_of = {c: MARGIN + i * COL_W for i, c in enumerate(columns)}
-    pos: dict[str, tuple[float, float]] = {}
+    pos: dict[int, tuple[float, float]] = {}
     groups = []  # (x, y_top, y_bottom, head) of q/k/v head groups
     bottom = TOP
     for c in columns:
@@ -165,7 +179,7 @@ def render_svg(nodes: list[GraphNode], edges: pd.DataFrame, caption: str, n_laye
             if head != last_head:
                 start = y
             last_head = head
-            pos[node.label] = (x_of[c], y)
+            pos[node.key] = (x_of[c], y)
             y += ROW_H
         if last_head is not None:
             groups.append((x_of[c], start, y - ROW_H + BOX_H, last_head))
@@ -186,7 +200,7 @@ def render_svg(nodes: list[GraphNode], edges: pd.DataFrame, caption: str, n_laye
                    f'fill="#fffaf0" stroke="#f6ad55" stroke-width="0.6"><title>head {head}</title></rect>')
     out.append(_edges_svg(edges, pos))
     for node in nodes:
-        x, y = pos[node.label]
+        x, y = pos[node.key]
         out.append(f'<g class="sl-node" data-kind="{e(node.kind)}"><title>{e(node.title)}</title>'
                    f'<rect x="{x}" y="{y}" width="{BOX_W}" height="{BOX_H}" rx="3" '
                    f'fill="{KIND_FILL[node.kind]}" stroke="#718096" stroke-width="0.5"/>'
@@ -195,14 +209,14 @@ def render_svg(nodes: list[GraphNode], edges: pd.DataFrame, caption: str, n_laye
     return "\n".join(out)
 
 
-def _edges_svg(edges: pd.DataFrame, pos: dict[str, tuple[float, float]]) -> str:
+def _edges_svg(edges: pd.DataFrame, pos: dict[int, tuple[float, float]]) -> str:
     weighted = edges[edges.kind.isin(WEIGHTED_KINDS)]
     scale = float(weighted.weight.abs().max()) if len(weighted) else 1.0
     scale = scale if scale > 0 else 1.0
     e = html.escape
     out = ['<g class="sl-edges" fill="none">']
     for row in edges.itertuples():
-        (x0, y0), (x1, y1) = pos[row.source], pos[row.target]
+        (x0, y0), (x1, y1) = pos[row.source_key], pos[row.target_key]
         weight = f" {row.weight:+.4f}" if row.kind in WEIGHTED_KINDS else ""
         title = f"<title>{e(row.source)} -> {e(row.target)}: {row.kind}{weight}</title>"
         y0, y1 = y0 + BOX_H / 2, y1 + BOX_H / 2

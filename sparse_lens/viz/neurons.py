@@ -7,7 +7,8 @@ the circuit running (every other node mean-ablated):
   value (the mean it takes when pruned) and the corpus tokens where it is largest;
 - its activation on every token of a few task prompts (circuitsvis `TextNeuronActivations`);
 - the corpus snippets where it is largest in magnitude (circuitsvis `TopkSamples`), from windows
-  of a held-out corpus stream (default: the standard library's validation files).
+  of the held-out corpus stream the caller passes (`corpus_tokens`; without one the view says it
+  has no snippets: it never loads a corpus itself).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import warnings
 import torch
 from jaxtyping import Float, Int
 
-from sparse_lens.circuit import node_label
 from sparse_lens.data import validation_batches
 from sparse_lens.viz.activations import final_activations, node_activations, token_strings
 from sparse_lens.viz.circuitsvis_inline import text_neuron_activations, topk_samples
@@ -27,35 +27,31 @@ from sparse_lens.viz.view import View, status_note
 
 def neuron_view(circuit, corpus_tokens: Int[torch.Tensor, " n"] | None = None, n_prompts: int = 4,
                 max_nodes: int = 32, n_rank_prompts: int = 32, n_windows: int = 64,
-                window_len: int = 32, n_snippets: int = 5, corpus_files: int = 200,
-                split: str = "test") -> View:
+                window_len: int = 32, n_snippets: int = 5, split: str = "test") -> View:
     """The roles of up to `max_nodes` of the circuit's nodes (see the module docstring).
 
     When the circuit has more nodes, the ones shown are those that best separate the task's
     classes at the final token of `n_rank_prompts` task prompts (`node_scores`; for a task
     without classes, those furthest from their ablation value), and the view says how many were
-    left out. `corpus_tokens`: a 1-D token stream for the snippets (default:
-    the validation stream of `corpus_files` standard-library files)."""
+    left out. `corpus_tokens`: a 1-D token stream for the snippets, e.g.
+    `data.load_corpus(None, model.tokenizer, max_files=200).val` (None: no snippets, and the view
+    says so)."""
     if min(n_prompts, max_nodes, n_rank_prompts, n_windows, window_len, n_snippets) < 1:
         raise ValueError("neuron_view: counts and lengths must be >= 1")
     title = f"Neurons and channels of the circuit ({circuit.task})"
     if circuit.n_nodes == 0:
         return View(title, '<p class="sl-note">The circuit keeps no node.</p>')
     model = circuit.model
-    data = circuit._task_data(split=split, n=max(n_prompts, n_rank_prompts))
+    data = circuit.task_data(split=split, n=max(n_prompts, n_rank_prompts))
     finals = final_activations(circuit, data.tokens, data.last_pos, circuit.node_ids)  # [batch, node]
     means = circuit.means[circuit.node_ids].float()
     score, by = node_scores(finals, means, data)
     keep = torch.argsort(score, descending=True, stable=True)[:max_nodes].sort().values
     shown = [circuit.node_ids[i] for i in keep.tolist()]
     table = circuit.registry.describe(shown)
-    labels = [node_label(r) for r in table.itertuples()]
-
-    if corpus_tokens is None:
-        from sparse_lens.data import load_corpus
-
-        corpus_tokens = load_corpus(None, model.tokenizer, max_files=corpus_files).val
-    snippets = corpus_snippets(circuit, corpus_tokens, shown, n_windows, window_len, n_snippets)
+    labels = circuit.registry.labels(shown)
+    snippets = (None if corpus_tokens is None else
+                corpus_snippets(circuit, corpus_tokens, shown, n_windows, window_len, n_snippets))
 
     prompt_data = data[:n_prompts]
     acts, _ = node_activations(circuit, prompt_data.tokens, shown)  # [batch, pos, node]
@@ -72,14 +68,23 @@ def neuron_view(circuit, corpus_tokens: Int[torch.Tensor, " n"] | None = None, n
         text_neuron_activations(prompt_tokens, prompt_acts, first_dimension_name="Circuit",
                                 second_dimension_name="Node", first_dimension_labels=[circuit.task],
                                 second_dimension_labels=labels),
-        f"<h4>Top corpus snippets (largest |activation|, up to {n_snippets} per node)</h4>",
-        topk_samples([[[token_strings(model, s) for s, _ in node] for node in snippets["samples"]]],
-                     [[[a.double().round(decimals=4).tolist() for _, a in node]
-                       for node in snippets["samples"]]],
-                     zeroth_dimension_name="Circuit", first_dimension_name="Node",
-                     zeroth_dimension_labels=[circuit.task], first_dimension_labels=labels),
+        _snippets_html(snippets, n_snippets, model, circuit.task, labels),
     ]
     return View(title, "\n".join(parts), uses_circuitsvis=True)
+
+
+def _snippets_html(snippets: dict | None, n_snippets: int, model, task: str, labels: list[str]) -> str:
+    """The corpus snippets' heading and circuitsvis mount, or a note that no corpus was given."""
+    if snippets is None:
+        return ('<h4>Top corpus snippets</h4><p class="sl-note">No corpus snippets: no corpus was '
+                "given to this view (<code>corpus_tokens=</code>).</p>")
+    samples = snippets["samples"]
+    return "\n".join([
+        f"<h4>Top corpus snippets (largest |activation|, up to {n_snippets} per node)</h4>",
+        topk_samples([[[token_strings(model, s) for s, _ in node] for node in samples]],
+                     [[[a.double().round(decimals=4).tolist() for _, a in node] for node in samples]],
+                     zeroth_dimension_name="Circuit", first_dimension_name="Node",
+                     zeroth_dimension_labels=[task], first_dimension_labels=labels)])
 
 
 @torch.no_grad()
@@ -113,9 +118,9 @@ def corpus_snippets(circuit, stream: Int[torch.Tensor, " n"], node_ids: list[int
 
 
 def role_table(labels: list[str], kinds: list[str], means: Float[torch.Tensor, " node"],
-               finals: Float[torch.Tensor, "batch node"], data, snippets: dict, model) -> str:
+               finals: Float[torch.Tensor, "batch node"], data, snippets: dict | None, model) -> str:
     """One row per node: kind, ablation value, mean final-token activation per task class, and
-    the corpus tokens where it peaks. Every token string is escaped."""
+    the corpus tokens where it peaks (empty without `snippets`). Every token string is escaped."""
     groups = _classes(data)
     head = "".join(f"<th>final token, answer {html.escape(name)}<br>(n={int(rows.sum())})</th>"
                    for name, rows in groups)
@@ -123,7 +128,8 @@ def role_table(labels: list[str], kinds: list[str], means: Float[torch.Tensor, "
              "<th>corpus peaks (token: activation)</th></tr>"]
     for j, label in enumerate(labels):
         by_class = "".join(f"<td>{finals[rows, j].mean():+.3f}</td>" for _, rows in groups)
-        peaks = ", ".join(f"{token_strings(model, [t])[0]!r}: {a:+.2f}" for t, a in snippets["peaks"][j][:3])
+        peaks = "" if snippets is None else ", ".join(
+            f"{token_strings(model, [t])[0]!r}: {a:+.2f}" for t, a in snippets["peaks"][j][:3])
         lines.append(f'<tr><td class="sl-text">{html.escape(label)}</td><td class="sl-text">{kinds[j]}</td>'
                      f"<td>{float(means[j]):+.3f}</td>{by_class}"
                      f'<td class="sl-text">{html.escape(peaks)}</td></tr>')

@@ -43,7 +43,7 @@ def tables_view(circuit, max_nodes: int = 500, max_edges: int = 500, verify_n: i
         + ", ".join(f"{html.escape(str(k))} {n:,}" for k, n in counts.items()) + ")</h4>",
         _cap_note(len(edges), max_edges, "edges",
                   "the largest |weight| first, then residual links and q-k pairs"),
-        html_table(edges.head(max_edges)),
+        html_table(edges[["kind", "source", "target", "weight"]].head(max_edges)),  # display columns
     ]
     return View(f"Tables of the circuit ({circuit.task})", "\n".join(parts))
 

@@ -1,0 +1,320 @@
+"""The circuit search (Gao et al. 2025, section 2.2), on the hooks of `sparse_lens.hooks`:
+1. one learnable logit `tau` per node (init `init_tau`, clamped to [-1, 1]); the forward pass
+   uses the Heaviside step `tau > 0` as the node's mask, the backward pass the sigmoid's
+   derivative (a straight-through surrogate);
+2. minimise `task_loss + k_coef * (number of nodes kept)` with AdamW on the taus, gradient
+   clipping, for `steps` batches of the task's training examples;
+3. order nodes by tau, and find the smallest number kept whose circuit has task loss at most
+   `target_loss` on fixed evaluation examples: exactly, by trying every prefix of the tau order
+   in turn (many at once, dropping each as soon as its loss is known to exceed the target;
+   `smallest_passing_prefix`), because the loss-vs-prefix curve is not monotone;
+4. optionally fit a scale and per-candidate-token bias on the final logits with LBFGS
+   (`calibrate=True`).
+
+`search_nodes` runs it and returns a `SearchResult`; `pruning.prune` wraps that in a `Circuit`,
+and the faithfulness controls run it on nonsense tasks and fresh models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from sparse_lens import tasks
+from sparse_lens.ablation import Ablation, ablated_nodes, check_mode
+from sparse_lens.hooks import NodeRegistry
+from sparse_lens.sparse_kernels import sparse_matmuls
+from sparse_lens.task_loss import (
+    Calibration, by_length, calibrated_loss, final_logit_pairs, fit_calibration, pair_loss,
+)
+
+#: `(ns, rows) -> [len(ns), rows]` per-example task losses of the circuits keeping n nodes
+ExampleLosses = Callable[[list[int], slice], torch.Tensor]
+
+
+@dataclass(kw_only=True)
+class PruneConfig:
+    """How to prune. Defaults suit the `small` preset on a 2-core CPU."""
+
+    target_loss: float = 0.15  # mean binary CE over the two candidates, nats
+    k_coef: float = 1e-4  # penalty per kept node
+    steps: int = 100
+    batch_size: int = 32
+    lr: float = 1e-2
+    init_tau: float = 0.1
+    grad_clip: float = 1.0
+    n_train: int = 512  # task examples to optimise on
+    n_eval: int = 128  # fixed examples the bisection evaluates (train split, another seed)
+    calibrate: bool = False
+    level: str = "core"  # task level of a named task ("core" or "hard"; `tasks.get_task`)
+    source: str = "generated"  # or "corpus": real instances (`tasks.CORPUS_TASKS` only)
+    seed: int = 0
+    mean_tokens: int = 1 << 16  # tokens the node means average over (if not cached)
+    ablation: str = "mean"  # what pruned nodes take: mean, zero, task_mean, resample
+    force_search: bool = False  # search even when the full model misses the target (controls)
+    progress: bool = True
+    # CSR matmuls for the frozen weights (`sparse_kernels.sparse_matmuls`): True, False, or
+    # "auto" = only where measured faster (achieved density <= sparse_kernels.AUTO_MAX_DENSITY)
+    sparse_kernels: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "n_train", "n_eval", "mean_tokens"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"PruneConfig.{name} must be an integer >= 1; got {getattr(self, name)!r}")
+        if not (self.target_loss > 0 and math.isfinite(self.target_loss)):
+            # inf would make every circuit "solve" the task, down to no node at all
+            raise ValueError(f"PruneConfig.target_loss must be finite and > 0; got {self.target_loss!r}")
+        if not (self.k_coef >= 0 and self.lr > 0 and self.grad_clip > 0):
+            raise ValueError("PruneConfig.k_coef must be >= 0, lr and grad_clip > 0")
+        if self.level not in tasks.LEVELS or self.source not in tasks.SOURCES:
+            raise ValueError(f"PruneConfig.level must be one of {tasks.LEVELS} and source one of "
+                             f"{tasks.SOURCES}; got {self.level!r}, {self.source!r}")
+        if self.sparse_kernels not in (True, False, "auto"):
+            raise ValueError(f"PruneConfig.sparse_kernels must be True, False or 'auto'; got {self.sparse_kernels!r}")
+        if not -1.0 <= self.init_tau <= 1.0:
+            raise ValueError(f"PruneConfig.init_tau must be in [-1, 1]; got {self.init_tau!r}")
+        try:
+            check_mode(self.ablation)
+        except ValueError as err:
+            raise ValueError(f"PruneConfig.ablation: {err}") from None
+
+
+def heaviside_ste(tau: Float[torch.Tensor, " n"]) -> Float[torch.Tensor, " n"]:
+    """`(tau > 0)` in the forward pass; gradient of `sigmoid(tau)` in the backward pass."""
+    soft = torch.sigmoid(tau)
+    return (tau > 0).to(tau.dtype) + soft - soft.detach()
+
+
+
+def prune_task_data(model, task, config: PruneConfig):
+    """`(name, train, eval, custom)` for a search on `task`: a task name (its train split at
+    `config.level` from `config.source`, `n_train` examples to optimise on and `n_eval` others
+    to size the circuit on) or a hand-made `TaskData` (used for both; also returned as
+    `custom`)."""
+    device, n_ctx = model.cfg.device, model.cfg.n_ctx
+    if not isinstance(task, str):  # a hand-made TaskData: optimise and bisect on it
+        custom = task.check_fits(n_ctx).to(device)
+        return task.name, custom, custom, custom
+    kind = dict(level=config.level, source=config.source, n_ctx=n_ctx)
+    train = tasks.get_task(task, model.tokenizer, n=config.n_train, seed=config.seed, **kind).to(device)
+    evaluate = tasks.get_task(task, model.tokenizer, n=config.n_eval, seed=config.seed + 1, **kind).to(device)
+    return task, train, evaluate, None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What `search_nodes` found: the kept node ids (sorted), the learned taus (None when the
+    full model misses the target and nothing was searched), the evaluated `(n, loss)` points,
+    the losses (`full_model`, `circuit`), the calibration, and the ablation it used."""
+
+    node_ids: list[int]
+    tau: torch.Tensor | None
+    curve: list[tuple[int, float]]
+    losses: dict[str, float]
+    calibration: Calibration | None
+    solved: bool
+    ablation: Ablation
+
+
+def search_nodes(model, train_data, eval_data, means, config: PruneConfig) -> SearchResult:
+    """Steps 1-4 on `model` (see the module docstring). If the full model misses the target on
+    `eval_data`, nothing is optimised: every node is kept and `solved` is False. With
+    `force_search` (the faithfulness controls) the search runs anyway, and the bisection looks
+    for the smallest circuit within the optimised mask's own nodes."""
+    registry = NodeRegistry.for_model(model)
+    was_training = model.training
+    model.eval()
+    try:
+        ablation = Ablation.build(config.ablation, model, means, train_data, seed=config.seed)
+        with sparse_matmuls(model, config.sparse_kernels), \
+                ablated_nodes(model, registry, torch.ones(registry.n_nodes), ablation) as masker:
+            full_pairs = final_logit_pairs(model, eval_data, masker)
+            full_misses = pair_loss(full_pairs) > config.target_loss
+            if full_misses and not config.force_search:
+                # the full model does not solve the task: report it, do not force a circuit
+                tau, kept, curve = None, torch.arange(registry.n_nodes), []
+            else:
+                tau, kept, curve = _optimise_and_size(model, masker, train_data, eval_data, registry,
+                                                      config, full_misses)
+            mask = torch.zeros(registry.n_nodes)
+            mask[kept] = 1.0
+            pairs = final_logit_pairs(model, eval_data, masker, mask.to(model.cfg.device))
+    finally:
+        model.train(was_training)
+    calibration = fit_calibration(pairs, eval_data) if config.calibrate else None
+    losses = dict(full_model=pair_loss(full_pairs), circuit=calibrated_loss(pairs, eval_data, calibration))
+    solved = losses["full_model"] <= config.target_loss and losses["circuit"] <= config.target_loss
+    return SearchResult(sorted(kept.tolist()), tau, curve, losses, calibration, solved, ablation)
+
+
+def _optimise_and_size(model, masker, train_data, eval_data, registry, config, full_misses):
+    """Steps 2 and 3: `(tau, kept node ids in tau order, curve)`."""
+    tau = _optimise_taus(model, masker, train_data, registry, config)
+    order = torch.argsort(tau.detach().cpu(), descending=True, stable=True)
+    if full_misses or config.ablation == "resample":
+        # the controls' search within the optimised nodes; resampling needs the masker's own
+        # batches, which the exact search's stacked rows are not
+        limit = int((tau > 0).sum()) if full_misses else None
+        n_kept, curve = _bisect(model, masker, eval_data, order, registry, config, limit)
+    else:
+        n_kept, curve = _search(model, masker, eval_data, order, registry, config)
+    return tau, order[:n_kept], curve
+
+
+def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneConfig) -> torch.Tensor:
+    """Step 2: learn one mask logit per node."""
+    device = model.cfg.device
+    gen = torch.Generator().manual_seed(config.seed)
+    tau = torch.full((registry.n_nodes,), config.init_tau, device=device, requires_grad=True)
+    opt = torch.optim.AdamW([tau], lr=config.lr, weight_decay=0.0)
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bar = tqdm(range(config.steps), disable=not config.progress, desc=f"prune {data.name}")
+    # each batch is a random window of the length-sorted examples: little padding
+    order = by_length(data)
+    n_windows = max(len(data) - config.batch_size, 0) + 1
+    try:
+        for _ in bar:
+            start = int(torch.randint(n_windows, (), generator=gen))
+            batch = data[order[start:start + config.batch_size]]
+            mask = heaviside_ste(tau)
+            masker.mask = mask
+            task_loss = tasks.task_loss(masker.logits(model, batch), batch)
+            loss = task_loss + config.k_coef * mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([tau], config.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                tau.clamp_(-1.0, 1.0)
+            bar.set_postfix(task=f"{task_loss.item():.3f}", kept=int((tau > 0).sum()))
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    return tau.detach().cpu()
+
+
+def smallest_passing_prefix(example_losses: ExampleLosses, n_max: int, n_examples: int,
+                            target: float, start: int = 0, batch_size: int = 32,
+                            max_chunk: int = 16) -> int | None:
+    """The smallest `n` in [start, n_max] whose circuit meets `target`: mean per-example loss
+    over the `n_examples` evaluation examples <= target. Exact whatever the shape of the
+    loss-vs-n curve (a bisection assumes it falls monotonically; on a real curve it can stop
+    at a later crossing): every `n` is tried in order, in chunks of up to `max_chunk`
+    candidates evaluated together.
+
+    `example_losses(ns, rows)` returns [len(ns), rows] per-example losses of the circuits
+    keeping the first `n` nodes, for each n in `ns`, on the evaluation examples `rows` (a
+    slice). Losses are >= 0, so a candidate is dropped as soon as its running sum exceeds
+    `target * n_examples`: a clearly failing circuit costs one batch of `batch_size` examples.
+    Returns None if no n passes."""
+    bound = target * n_examples
+    chunk = 4
+    while start <= n_max:
+        ns = list(range(start, min(start + chunk, n_max + 1)))
+        sums = torch.zeros(len(ns), dtype=torch.float64)
+        alive = list(range(len(ns)))
+        for first in range(0, n_examples, batch_size):
+            if not alive:
+                break
+            losses = example_losses([ns[i] for i in alive], slice(first, first + batch_size))
+            sums[alive] += losses.detach().double().sum(dim=1).cpu()
+            alive = [i for i in alive if sums[i] <= bound]
+        if alive:
+            return ns[alive[0]]
+        start += len(ns)
+        chunk = min(2 * chunk, max_chunk)
+    return None
+
+
+def _prefix_losses(model, masker, data, order, registry: NodeRegistry) -> ExampleLosses:
+    """`example_losses` for `smallest_passing_prefix`: the circuits keeping the first n nodes of
+    `order`, all evaluated in one forward pass (each candidate on its own copy of the rows,
+    with its own row mask), examples taken shortest first."""
+    shortest_first = by_length(data)
+    rank = torch.empty(registry.n_nodes, dtype=torch.long)
+    rank[order] = torch.arange(registry.n_nodes)
+    rank = rank.to(model.cfg.device)
+
+    def example_losses(ns: list[int], rows: slice) -> Float[torch.Tensor, "candidates examples"]:
+        part = data[shortest_first[rows]]
+        k, e = len(ns), len(part)
+        kept = torch.tensor(ns, device=rank.device)[:, None]
+        masker.set_row_masks((rank[None, :] < kept).float().repeat_interleave(e, dim=0))
+        tokens = part.tokens.repeat(k, 1)
+        with torch.no_grad():
+            logits = model(tokens)
+        rows_k = torch.arange(k * e, device=logits.device)
+        last = logits[rows_k, part.last_pos.to(logits.device).repeat(k)]
+        diff = last[rows_k, part.correct.to(logits.device).repeat(k)] - \
+            last[rows_k, part.contrast.to(logits.device).repeat(k)]
+        return F.softplus(-diff).view(k, e)
+
+    return example_losses
+
+
+def _search(model, masker, data, order, registry: NodeRegistry, config: PruneConfig):
+    """Step 3: the smallest `n` such that keeping the `n` highest-tau nodes gives task loss
+    <= target on `data` (exactly: `smallest_passing_prefix`; with `calibrate`, a bisection that
+    assumes the calibrated loss falls as nodes are added). Returns `n` and the evaluated
+    `(n, loss)` points. If even all nodes miss the target, returns all nodes."""
+    if config.calibrate:
+        return _bisect(model, masker, data, order, registry, config)
+    device = model.cfg.device
+    curve: dict[int, float] = {}
+
+    def loss_at(n: int) -> float:
+        mask = torch.zeros(registry.n_nodes, device=device)
+        mask[order[:n].to(device)] = 1.0
+        curve[n] = pair_loss(final_logit_pairs(model, data, masker, mask))
+        return curve[n]
+
+    n_all = registry.n_nodes
+    if loss_at(n_all) > config.target_loss:
+        return n_all, sorted(curve.items())
+    example_losses = _prefix_losses(model, masker, data, order, registry)
+    n = smallest_passing_prefix(example_losses, n_all, len(data), config.target_loss)
+    # the scan sums in another order than `pair_loss`: confirm, moving on past float ties
+    while n is not None and n < n_all and loss_at(n) > config.target_loss:
+        n = smallest_passing_prefix(example_losses, n_all, len(data), config.target_loss, start=n + 1)
+    return (n_all if n is None else n), sorted(curve.items())
+
+
+def _bisect(model, masker, data, order, registry: NodeRegistry, config: PruneConfig,
+            limit: int | None = None):
+    """Step 3: the smallest `n` <= `limit` (default: all nodes) such that keeping the `n`
+    highest-tau nodes gives task loss <= target (assuming the loss falls as nodes are added up
+    to `limit`). Returns `n` and the evaluated `(n, loss)` points. If even `limit` nodes miss
+    the target, returns all nodes."""
+    device = model.cfg.device
+    calibrate = config.calibrate
+    curve: dict[int, float] = {}
+
+    def loss_at(n: int) -> float:
+        if n not in curve:
+            mask = torch.zeros(registry.n_nodes, device=device)
+            mask[order[:n].to(device)] = 1.0
+            pairs = final_logit_pairs(model, data, masker, mask)
+            cal = fit_calibration(pairs, data) if calibrate else None
+            curve[n] = calibrated_loss(pairs, data, cal)
+        return curve[n]
+
+    lo, hi = 0, registry.n_nodes if limit is None else limit  # invariant: loss_at(hi) <= target
+    if loss_at(hi) > config.target_loss:
+        return registry.n_nodes, sorted(curve.items())
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if loss_at(mid) <= config.target_loss:
+            hi = mid
+        else:
+            lo = mid
+    if hi == 1 and loss_at(0) <= config.target_loss:
+        hi = 0
+    return hi, sorted(curve.items())
