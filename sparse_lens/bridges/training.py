@@ -85,6 +85,11 @@ class BridgeTrainConfig:
         if not (isinstance(self.eval_hybrid_batches, int) and self.eval_hybrid_batches >= 1):
             raise ValueError("BridgeTrainConfig.eval_hybrid_batches must be an integer >= 1")
 
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any]) -> BridgeTrainConfig:
+        """The config `to_json_dict` wrote (as `training.json` holds it)."""
+        return cls(**{**d, "train": TrainConfig(**d["train"])})
+
     def to_json_dict(self) -> dict[str, Any]:
         return dict(train=self.train.to_json_dict(), encoder_topk_frac=self.encoder_topk_frac,
                     hybrid_sites=self.hybrid_sites, loss_weights=dict(self.loss_weights),
@@ -127,7 +132,7 @@ def train_bridged(
         raise ValueError(f"resume must be False, True or 'auto'; got {resume!r}")
     resuming = resume is True or (resume == "auto" and saving.has_checkpoint(out_dir))
     if resuming and config is None and saving.has_checkpoint(out_dir):
-        config = BridgeTrainConfig(**saving.training_state(out_dir)["config"])
+        config = BridgeTrainConfig.from_json_dict(saving.training_state(out_dir)["config"])
     config = config or BridgeTrainConfig()
     with deterministic_algorithms(torch.device(config.train.device).type == "cpu"), _frozen(dense):
         return _train(dense, sparse, config, out_dir, corpus, progress, dense_ref, resuming)
@@ -177,7 +182,7 @@ def _resumed_job(dense, sparse, config: BridgeTrainConfig, out_dir: Path):
     tc = config.train
     saved_sparse, bridges, state = saving.load_checkpoint(out_dir, tc.device)
     bridges.check_pair(dense, saved_sparse)  # the dense weights the bridges were trained against
-    saved_config = BridgeTrainConfig(**state["config"])
+    saved_config = BridgeTrainConfig.from_json_dict(state["config"])
     diffs = config_diffs("train", saved_config.train.to_json_dict(), tc.to_json_dict(),
                          TrainConfig.NON_RESULT_FIELDS)
     diffs += config_diffs("bridges", saved_config.to_json_dict(), config.to_json_dict(), ("train",))
