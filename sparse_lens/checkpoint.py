@@ -21,20 +21,23 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-if TYPE_CHECKING:
-    from sparse_lens.model import SparseHookedTransformer
+# the model class is the caller's (`SparseHookedTransformer.from_pretrained` passes itself): this
+# module sits below the model and knows only that it is a torch Module with `cfg` and `tokenizer`
+M = TypeVar("M", bound=torch.nn.Module)
 
 FORMAT = "sparse_lens.SparseHookedTransformer"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+# how the weights were made, with their SHA-256 (written by `sparse_lens.pretrained`, checked on load)
+PROVENANCE_FILE = "provenance.json"
 
 
 class CheckpointError(ValueError):
@@ -42,7 +45,7 @@ class CheckpointError(ValueError):
 
 
 def save_model(
-    model: SparseHookedTransformer,
+    model: torch.nn.Module,
     path: str | Path,
     write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
@@ -68,8 +71,8 @@ def save_model(
 
 
 def load_model(
-    cls: type[SparseHookedTransformer], path: str | Path, device: str | torch.device | None = None
-) -> SparseHookedTransformer:
+    cls: type[M], path: str | Path, device: str | torch.device | None = None
+) -> M:
     """Build `cls` from the model directory at `path` (see the module docstring)."""
     from sparse_lens.config import SparseHookedTransformerConfig
     from sparse_lens.tokenizer import load_tokenizer
@@ -104,7 +107,6 @@ def check_recorded_digest(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """If the model directory `path` has a `provenance.json` recording `weights_sha256`, the
     weights must hash to it (`fingerprint.weights_digest`); CheckpointError otherwise."""
     from sparse_lens.fingerprint import weights_digest
-    from sparse_lens.pretrained import PROVENANCE_FILE
 
     record_file = path / PROVENANCE_FILE
     if not record_file.is_file():

@@ -304,15 +304,15 @@ class SparseHookedTransformer(HookedTransformer):
         which would destroy exact sparsity. A directory without tokenizer files loads with a
         warning (the model then takes token ids only); a weights SHA-256 recorded in the
         directory's `provenance.json` is checked."""
-        from sparse_lens import pretrained
+        from sparse_lens import shipped
 
         where = Path(path)
         if not where.exists() and not where.with_name(f"{where.name}.old").is_dir():
-            if isinstance(path, str) and path in pretrained.available():
-                return pretrained.load(path, device=device)
+            if isinstance(path, str) and path in shipped.available():
+                return shipped.load_into(cls, path, device=device)
             raise checkpoint.CheckpointError(
                 f"no model directory at {where}, and no shipped checkpoint named {str(path)!r}; "
-                f"shipped: {pretrained.available()}")
+                f"shipped: {shipped.available()}")
         return checkpoint.load_model(cls, path, device=device)
 
     @classmethod

@@ -36,7 +36,7 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import einops
 import torch
@@ -47,7 +47,8 @@ from sparse_lens.config import TOPK_LOCATIONS, SparseHookedTransformerConfig
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from sparse_lens.model import SparseHookedTransformer
+# the model class is the caller's (`SparseHookedTransformer.from_circuit_sparsity` passes itself)
+M = TypeVar("M", bound=torch.nn.Module)
 
 CONFIG_FILE = "beeg_config.json"
 WEIGHTS_FILE = "final_model.pt"
@@ -186,87 +187,107 @@ def params_from_release(sd: dict[str, torch.Tensor], rcfg: dict[str, Any],
                         cfg: SparseHookedTransformerConfig) -> dict[str, torch.Tensor]:
     """Every parameter of the `SparseHookedTransformer` of `cfg`, by name, from the release
     state dict `sd` (float32 on the CPU). Missing or unexpected keys and wrong shapes raise."""
-    used: set[str] = set()
-    n_head, d_head, d_model = rcfg["n_head"], rcfg["d_head"], rcfg["d_model"]
-    d_read, d_mlp, vocab = cfg.d_read, rcfg["d_mlp"], rcfg["vocab_size"]
-
-    def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if key not in sd:
-            raise ReleaseFormatError(f"the state dict has no {key!r} (shape {shape}), which this "
-                                     "config needs")
-        t = sd[key]
-        if tuple(t.shape) != shape:
-            raise ReleaseFormatError(f"{key} has shape {tuple(t.shape)}, the config implies {shape}")
-        if not t.is_floating_point():
-            raise ReleaseFormatError(f"{key} has dtype {t.dtype}, expected floating point")
-        used.add(key)
-        return t.detach().to(torch.float32)
-
-    def bias(key: str, shape: tuple[int, ...], present: bool) -> torch.Tensor:
-        return take(key, shape) if present else torch.zeros(shape)
-
-    def norm(ours: str, theirs: str, length: int) -> None:
-        params[f"{ours}.w"] = take(f"{theirs}.weight", (length,))
-        if not rcfg["rms_norm"]:
-            params[f"{ours}.b"] = bias(f"{theirs}.bias", (length,), rcfg["ln_bias"])
-
+    r = _Reader(sd, rcfg)
+    d_model = rcfg["d_model"]
     params: dict[str, torch.Tensor] = {}
-    wte = take("transformer.wte.weight", (vocab, d_model))
+    wte = r.take("transformer.wte.weight", (rcfg["vocab_size"], d_model))
     params["embed.W_E"] = wte
-    params["pos_embed.W_pos"] = take("transformer.wpe.weight",
-                                     (rcfg["block_size"], rcfg["d_pos_emb"] or d_model))
+    params["pos_embed.W_pos"] = r.take("transformer.wpe.weight",
+                                       (rcfg["block_size"], rcfg["d_pos_emb"] or d_model))
     for i in range(rcfg["n_layer"]):
-        theirs, ours = f"transformer.h.{i}", f"blocks.{i}"
-        norm(f"{ours}.ln1", f"{theirs}.ln_1", d_model)
-        norm(f"{ours}.ln2", f"{theirs}.ln_2", d_model)
-        if rcfg["d_pos_emb"] is not None:
-            norm(f"{ours}.ln_p1", f"{theirs}.ln_p1", rcfg["d_pos_emb"])
-            norm(f"{ours}.ln_p2", f"{theirs}.ln_p2", rcfg["d_pos_emb"])
-        # c_attn: [3 * n_head * d_head, d_read] rows = (q | k | v), each head-major
-        c_attn = take(f"{theirs}.attn.c_attn.weight", (3 * n_head * d_head, d_read))
-        c_attn_b = bias(f"{theirs}.attn.c_attn.bias", (3 * n_head * d_head,), rcfg["bias"])
-        for name, w, b in zip("QKV", c_attn.chunk(3, dim=0), c_attn_b.chunk(3, dim=0)):
-            params[f"{ours}.attn.W_{name}"] = einops.rearrange(
-                w, "(head d_head) d_read -> head d_read d_head", head=n_head)
-            params[f"{ours}.attn.b_{name}"] = einops.rearrange(
-                b, "(head d_head) -> head d_head", head=n_head)
-        c_proj = take(f"{theirs}.attn.c_proj.weight", (d_model, n_head * d_head))
-        params[f"{ours}.attn.W_O"] = einops.rearrange(
-            c_proj, "d_model (head d_head) -> head d_head d_model", head=n_head)
-        params[f"{ours}.attn.b_O"] = bias(f"{theirs}.attn.c_proj.bias", (d_model,), rcfg["bias"])
-        if rcfg["sink"]:
-            key = f"{theirs}.attn.attn_imp.sink_logit"
-            shape = (n_head,) if key in sd and sd[key].numel() == n_head else (1,)
-            params[f"{ours}.attn.sinks"] = take(key, shape).expand(n_head).clone()
-        params[f"{ours}.mlp.W_in"] = take(f"{theirs}.mlp.c_fc.weight", (d_mlp, d_read)).T
-        params[f"{ours}.mlp.b_in"] = bias(f"{theirs}.mlp.c_fc.bias", (d_mlp,), rcfg["bias"])
-        params[f"{ours}.mlp.W_out"] = take(f"{theirs}.mlp.c_proj.weight", (d_model, d_mlp)).T
-        params[f"{ours}.mlp.b_out"] = bias(f"{theirs}.mlp.c_proj.bias", (d_model,), rcfg["bias"])
-        mask_key = f"{theirs}.attn.bias"  # the causal-mask buffer of the non-flash attention
-        if mask_key in sd and sd[mask_key].dim() == 4:
-            mask = sd[mask_key]
-            if not torch.equal(mask[0, 0].bool(), torch.ones_like(mask[0, 0], dtype=torch.bool).tril()):
-                raise ReleaseFormatError(f"{mask_key} (the attention mask) is not causal")
-            used.add(mask_key)
-    norm("ln_final", "transformer.ln_f", d_model)
-    if rcfg["tied_unembed"]:
-        unembed = sd.get("lm_head.weight", wte)
-        used.add("lm_head.weight")
-        if tuple(unembed.shape) != (vocab, d_model) or not torch.equal(unembed.float(), wte):
-            raise ReleaseFormatError("tied_unembed is true but lm_head.weight differs from "
-                                     "transformer.wte.weight")
-    else:
-        unembed = take("lm_head.weight", (vocab, d_model))
-    params["unembed.W_U"] = unembed.T
-    # the release's loader fills a missing final_logits_bias with zeros
-    params["unembed.b_U"] = bias("final_logits_bias", (vocab,), "final_logits_bias" in sd)
-    if rcfg["enable_bigram_table"]:
-        params["bigram"] = take("bigram_table", (vocab, vocab))
-    unexpected = sorted(set(sd) - used - {"lm_head.weight"})
+        params.update(_block_params(r, i, cfg.d_read))
+    params.update(r.norm("ln_final", "transformer.ln_f", d_model))
+    params.update(_unembed_params(r, wte))
+    unexpected = sorted(set(sd) - r.used - {"lm_head.weight"})
     if unexpected:
         raise ReleaseFormatError(f"the state dict has keys this config does not use: "
                                  f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     return {k: v.contiguous() for k, v in params.items()}
+
+
+class _Reader:
+    """The release's tensors by key, checked for shape and dtype; remembers the keys it read."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], rcfg: dict[str, Any]):
+        self.sd, self.rcfg, self.used = sd, rcfg, set()
+
+    def take(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key not in self.sd:
+            raise ReleaseFormatError(f"the state dict has no {key!r} (shape {shape}), which this "
+                                     "config needs")
+        t = self.sd[key]
+        if tuple(t.shape) != shape:
+            raise ReleaseFormatError(f"{key} has shape {tuple(t.shape)}, the config implies {shape}")
+        if not t.is_floating_point():
+            raise ReleaseFormatError(f"{key} has dtype {t.dtype}, expected floating point")
+        self.used.add(key)
+        return t.detach().to(torch.float32)
+
+    def bias(self, key: str, shape: tuple[int, ...], present: bool) -> torch.Tensor:
+        return self.take(key, shape) if present else torch.zeros(shape)
+
+    def norm(self, ours: str, theirs: str, length: int) -> dict[str, torch.Tensor]:
+        out = {f"{ours}.w": self.take(f"{theirs}.weight", (length,))}
+        if not self.rcfg["rms_norm"]:
+            out[f"{ours}.b"] = self.bias(f"{theirs}.bias", (length,), self.rcfg["ln_bias"])
+        return out
+
+
+def _block_params(r: _Reader, i: int, d_read: int) -> dict[str, torch.Tensor]:
+    """Block `i`'s parameters: norms, attention (heads split out), sinks, MLP."""
+    rcfg, sd = r.rcfg, r.sd
+    n_head, d_head, d_model, d_mlp = rcfg["n_head"], rcfg["d_head"], rcfg["d_model"], rcfg["d_mlp"]
+    theirs, ours = f"transformer.h.{i}", f"blocks.{i}"
+    params = {**r.norm(f"{ours}.ln1", f"{theirs}.ln_1", d_model),
+              **r.norm(f"{ours}.ln2", f"{theirs}.ln_2", d_model)}
+    if rcfg["d_pos_emb"] is not None:
+        params.update(r.norm(f"{ours}.ln_p1", f"{theirs}.ln_p1", rcfg["d_pos_emb"]))
+        params.update(r.norm(f"{ours}.ln_p2", f"{theirs}.ln_p2", rcfg["d_pos_emb"]))
+    # c_attn: [3 * n_head * d_head, d_read] rows = (q | k | v), each head-major
+    c_attn = r.take(f"{theirs}.attn.c_attn.weight", (3 * n_head * d_head, d_read))
+    c_attn_b = r.bias(f"{theirs}.attn.c_attn.bias", (3 * n_head * d_head,), rcfg["bias"])
+    for name, w, b in zip("QKV", c_attn.chunk(3, dim=0), c_attn_b.chunk(3, dim=0)):
+        params[f"{ours}.attn.W_{name}"] = einops.rearrange(
+            w, "(head d_head) d_read -> head d_read d_head", head=n_head)
+        params[f"{ours}.attn.b_{name}"] = einops.rearrange(b, "(head d_head) -> head d_head", head=n_head)
+    c_proj = r.take(f"{theirs}.attn.c_proj.weight", (d_model, n_head * d_head))
+    params[f"{ours}.attn.W_O"] = einops.rearrange(
+        c_proj, "d_model (head d_head) -> head d_head d_model", head=n_head)
+    params[f"{ours}.attn.b_O"] = r.bias(f"{theirs}.attn.c_proj.bias", (d_model,), rcfg["bias"])
+    if rcfg["sink"]:
+        key = f"{theirs}.attn.attn_imp.sink_logit"
+        shape = (n_head,) if key in sd and sd[key].numel() == n_head else (1,)
+        params[f"{ours}.attn.sinks"] = r.take(key, shape).expand(n_head).clone()
+    params[f"{ours}.mlp.W_in"] = r.take(f"{theirs}.mlp.c_fc.weight", (d_mlp, d_read)).T
+    params[f"{ours}.mlp.b_in"] = r.bias(f"{theirs}.mlp.c_fc.bias", (d_mlp,), rcfg["bias"])
+    params[f"{ours}.mlp.W_out"] = r.take(f"{theirs}.mlp.c_proj.weight", (d_model, d_mlp)).T
+    params[f"{ours}.mlp.b_out"] = r.bias(f"{theirs}.mlp.c_proj.bias", (d_model,), rcfg["bias"])
+    mask_key = f"{theirs}.attn.bias"  # the causal-mask buffer of the non-flash attention
+    if mask_key in sd and sd[mask_key].dim() == 4:
+        mask = sd[mask_key]
+        if not torch.equal(mask[0, 0].bool(), torch.ones_like(mask[0, 0], dtype=torch.bool).tril()):
+            raise ReleaseFormatError(f"{mask_key} (the attention mask) is not causal")
+        r.used.add(mask_key)
+    return params
+
+
+def _unembed_params(r: _Reader, wte: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The unembedding (tied to the embedding or its own), its bias, and the bigram table."""
+    rcfg, sd, vocab = r.rcfg, r.sd, r.rcfg["vocab_size"]
+    if rcfg["tied_unembed"]:
+        unembed = sd.get("lm_head.weight", wte)
+        r.used.add("lm_head.weight")
+        if tuple(unembed.shape) != (vocab, rcfg["d_model"]) or not torch.equal(unembed.float(), wte):
+            raise ReleaseFormatError("tied_unembed is true but lm_head.weight differs from "
+                                     "transformer.wte.weight")
+    else:
+        unembed = r.take("lm_head.weight", (vocab, rcfg["d_model"]))
+    # the release's loader fills a missing final_logits_bias with zeros
+    params = {"unembed.W_U": unembed.T,
+              "unembed.b_U": r.bias("final_logits_bias", (vocab,), "final_logits_bias" in sd)}
+    if rcfg["enable_bigram_table"]:
+        params["bigram"] = r.take("bigram_table", (vocab, vocab))
+    return params
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -302,11 +323,11 @@ def release_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
 
 # -------------------------------------------------------------------------------- loading
 def load_release_model(
-    cls: type[SparseHookedTransformer],
+    cls: type[M],
     folder: str | Path,
     tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
     device: str | torch.device | None = None,
-) -> SparseHookedTransformer:
+) -> M:
     """Build `cls` from a release model folder (see the module docstring). `tokenizer` is a
     GPT-2-style BPE folder (the release's `tinypython_2k`), a tokenizer object, or None (the
     model then works on token ids only, and a warning says so)."""
@@ -333,8 +354,9 @@ def load_release_model(
     return model
 
 
-def weight_l0(model: SparseHookedTransformer) -> float:
-    """Fraction of nonzero weights over the matrices the projection acts on."""
+def weight_l0(model: torch.nn.Module) -> float:
+    """Fraction of nonzero weights over the matrices the projection acts on (those of a
+    `SparseHookedTransformer`'s `sparsified_matrices()`)."""
     sizes = [(m.weight.count_nonzero().item(), m.weight.numel()) for m in model.sparsified_matrices()]
     return sum(n for n, _ in sizes) / max(1, sum(t for _, t in sizes))
 

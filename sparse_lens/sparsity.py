@@ -192,12 +192,8 @@ def _sample_indices(n: int, m: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def keep_mask(
-    weight: Float[torch.Tensor, "*shape"],
-    k: int,
-    min_per_unit: int,
-    unit_dims: Sequence[int],
-) -> Bool[torch.Tensor, "*shape"]:
+def keep_mask(weight: Float[torch.Tensor, "*shape"], k: int, min_per_unit: int,
+              unit_dims: Sequence[int]) -> Bool[torch.Tensor, "*shape"]:
     """Which entries of `weight` the projection keeps: the `k` largest |w|, with a per-unit floor.
 
     Args:
@@ -239,30 +235,35 @@ def keep_mask(
         mask.zero_()
 
     if min_per_unit > 0 and n_units > 0:
-        # the floor: the j largest |w| of every unit, on a [units, fan_in] view when the layout
-        # has one (e.g. W_in, W_out, W_U, W_E, W_O), else on a copy (W_Q/K/V)
-        units_scores = _view_or_none(scores.permute(perm), (n_units, fan_in))
-        if units_scores is not None:
-            units_mask = mask.permute(perm).view(n_units, fan_in)
-            protected = units_scores.topk(min_per_unit, dim=1, sorted=False).indices
-            units_mask.scatter_(1, protected, True)
-            units_scores.scatter_(1, protected, -1.0)  # |w| >= 0: protected are never re-picked
-        else:
-            units_scores = scores.permute(perm).reshape(n_units, fan_in)
-            protected = units_scores.topk(min_per_unit, dim=1, sorted=False).indices
-            del units_scores
-            units_mask = torch.zeros((n_units, fan_in), dtype=torch.bool, device=weight.device)
-            units_mask.scatter_(1, protected, True)
-            inverse = sorted(range(len(perm)), key=perm.__getitem__)
-            mask.copy_(units_mask.view(permuted_shape).permute(inverse))
-            del units_mask
-            scores.masked_fill_(mask, -1.0)
-        del protected
+        _protect_floor_(scores, mask, perm, permuted_shape, n_units, fan_in, min_per_unit)
 
     rest = max(k - n_units * min_per_unit, 0)
     if rest > 0:
         mask.view(-1)[_topk_flat_indices(scores.view(-1), rest)] = True
     return mask
+
+
+def _protect_floor_(scores: torch.Tensor, mask: torch.Tensor, perm: Sequence[int], permuted_shape,
+                    n_units: int, fan_in: int, min_per_unit: int) -> None:
+    """The floor: set in `mask` the `min_per_unit` largest scores of every unit, and mark them in
+    `scores` (-1) so that the global selection never picks them again. On a [units, fan_in] view
+    when the layout has one (e.g. W_in, W_out, W_U, W_E, W_O), else on a copy (W_Q/K/V)."""
+    units_scores = _view_or_none(scores.permute(perm), (n_units, fan_in))
+    if units_scores is not None:
+        units_mask = mask.permute(perm).view(n_units, fan_in)
+        protected = units_scores.topk(min_per_unit, dim=1, sorted=False).indices
+        units_mask.scatter_(1, protected, True)
+        units_scores.scatter_(1, protected, -1.0)  # |w| >= 0: protected are never re-picked
+    else:
+        units_scores = scores.permute(perm).reshape(n_units, fan_in)
+        protected = units_scores.topk(min_per_unit, dim=1, sorted=False).indices
+        del units_scores
+        units_mask = torch.zeros((n_units, fan_in), dtype=torch.bool, device=mask.device)
+        units_mask.scatter_(1, protected, True)
+        inverse = sorted(range(len(perm)), key=perm.__getitem__)
+        mask.copy_(units_mask.view(permuted_shape).permute(inverse))
+        del units_mask
+        scores.masked_fill_(mask, -1.0)
 
 
 def _view_or_none(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:

@@ -146,7 +146,7 @@ def train_tokenizer(
     from tokenizers import pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from sparse_lens.data import stdlib_source_files
+    from sparse_lens.sources import stdlib_source_files
 
     if vocab_size < 258:
         raise ValueError(f"vocab_size={vocab_size} must be >= 258 (256 bytes + <|endoftext|> + 1)")
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     args = parser.parse_args(argv)
 
-    from sparse_lens.data import resolve_source_files
+    from sparse_lens.sources import resolve_source_files
 
     files = resolve_source_files(args.sources or None)
     start = time.perf_counter()

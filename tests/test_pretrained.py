@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from sparse_lens import checkpoint, data, demo, pretrained
+from sparse_lens import checkpoint, data, demo, pretrained, shipped
 from sparse_lens.config import SparseHookedTransformerConfig
 from sparse_lens.model import SparseHookedTransformer
 from sparse_lens.training import TRAINING_DIR, TrainConfig, train
@@ -108,7 +108,7 @@ def test_the_shipped_small_checkpoint_is_the_default_small_model():
 
 def test_the_demo_chooses_its_model(shipped_tiny, tmp_path, monkeypatch):
     root, _ = shipped_tiny
-    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", root)
+    monkeypatch.setattr(shipped, "PRETRAINED_DIR", root)
     empty = tmp_path / "empty"
     assert demo.model_source(empty, "tiny", steps=2) == "shipped"
     assert demo.model_source(empty, "tiny", steps=None) == "train"  # the default steps are not 2
@@ -126,7 +126,7 @@ def test_the_demo_chooses_its_model(shipped_tiny, tmp_path, monkeypatch):
 def test_demo_starts_from_the_shipped_checkpoint_then_reuses_it_and_retrains_on_request(
         shipped_tiny, tmp_path, monkeypatch, capsys):
     root, model = shipped_tiny
-    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", root)
+    monkeypatch.setattr(shipped, "PRETRAINED_DIR", root)
     # the validation-loss check reads the default corpus: a small one here
     real_load = data.load_corpus
     monkeypatch.setattr(data, "load_corpus", lambda *a, **k: real_load(

@@ -160,7 +160,8 @@ from sparse_lens import training
 from sparse_lens.config import SparseHookedTransformerConfig
 torch.set_num_threads(2)  # >1 thread: the embedding backward's parallel atomic adds (see training.py)
 if sys.argv[2] == "unguarded":
-    training.deterministic_algorithms = lambda enabled=True: training.contextlib.nullcontext()
+    import contextlib, sparse_lens.training.run as run
+    run.deterministic_algorithms = lambda enabled=True: contextlib.nullcontext()
 tc = training.TrainConfig(steps=12, batch_size=8, seq_len=64, max_files=30, eval_every=12,
                           eval_batches=1, checkpoint_every=12)
 result = training.train(SparseHookedTransformerConfig.preset("tiny"), tc, sys.argv[1], progress=False)

@@ -114,6 +114,17 @@ def mean_kl(
     return F.kl_div(log_q, ref, log_target=True, reduction="batchmean")
 
 
+def nmse(pred: Float[Tensor, "... d"], target: Float[Tensor, "... d"]) -> Float[Tensor, ""]:
+    """Normalised MSE: `sum((pred - target)^2) / sum((target - mean(target))^2)`, the mean taken
+    over every token (all axes but the last), the denominator detached. 1.0 is the error of
+    predicting the mean residual; 0 is exact."""
+    if pred.shape != target.shape:
+        raise ValueError(f"nmse: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    flat = target.flatten(0, -2)
+    scale = (flat - flat.mean(dim=0, keepdim=True)).pow(2).sum().detach().clamp_min(1e-12)
+    return (pred - target).pow(2).sum() / scale
+
+
 # ---------------------------------------------------------------------- hybrid passes
 def dense_to_sparse(dense, sparse, bridges: Bridges, tokens: Int[Tensor, "batch pos"],
                     site: int | str | BridgeSite) -> HybridOutput:
@@ -161,8 +172,6 @@ def hybrid_kl_table(dense, sparse, bridges: Bridges,
     there (encoder vs the sparse residual, decoder vs the dense residual). Averaged over
     `batches` (token tensors). The table's `attrs["kl_dense_sparse"]` holds KL(dense || sparse)
     of the two models themselves, the scale to read the rest against."""
-    from sparse_lens.bridges.losses import nmse
-
     bridges.check_pair(dense, sparse, check_fingerprint=False)
     names = [s.hook_name for s in bridges.sites]
     sums: dict[tuple[int, str], float] = {}

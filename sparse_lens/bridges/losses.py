@@ -31,21 +31,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sparse_lens.bridges.hybrid import forward_kwargs, mean_kl, run_capturing, run_from_site
+from sparse_lens.bridges.hybrid import (  # nmse: public here too (`sparse_lens.bridges.nmse`)
+    forward_kwargs, mean_kl, nmse, run_capturing, run_from_site,
+)
 from sparse_lens.bridges.modules import Bridges
 
 LOSS_TERMS: tuple[str, ...] = ("ce", "kl", "enc_nmse", "dec_nmse", "hybrid_d2s", "hybrid_s2d")
-
-
-def nmse(pred: Float[Tensor, "... d"], target: Float[Tensor, "... d"]) -> Float[Tensor, ""]:
-    """Normalised MSE: `sum((pred - target)^2) / sum((target - mean(target))^2)`, the mean taken
-    over every token (all axes but the last), the denominator detached. 1.0 is the error of
-    predicting the mean residual; 0 is exact."""
-    if pred.shape != target.shape:
-        raise ValueError(f"nmse: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    flat = target.flatten(0, -2)
-    scale = (flat - flat.mean(dim=0, keepdim=True)).pow(2).sum().detach().clamp_min(1e-12)
-    return (pred - target).pow(2).sum() / scale
 
 
 def bridge_losses(

@@ -146,7 +146,7 @@ class Bridges(nn.Module):
         """Fresh bridges for `dense` (any TransformerLens `HookedTransformer`) and `sparse`, after
         `check_models(dense, sparse)`. `seed`: seeds the initialisation (else the global RNG)."""
         check_models(dense, sparse)
-        with torch.random.fork_rng(enabled=seed is not None):
+        with torch.random.fork_rng(enabled=seed is not None):  # a seed: the global RNG untouched
             if seed is not None:
                 torch.manual_seed(seed)
             bridges = cls(dense.cfg.n_layers, dense.cfg.d_model, sparse.cfg.d_model,
@@ -157,7 +157,8 @@ class Bridges(nn.Module):
     def identity(cls, n_layers: int, d_model: int, d_vocab: int) -> Bridges:
         """Bridges whose every encoder and decoder is the identity (and no top-k): with two
         identical models, every hybrid pass reproduces the model's own logits exactly."""
-        bridges = cls(n_layers, d_model, d_model, d_vocab, encoder_topk_frac=None)
+        with torch.random.fork_rng():  # the random init is overwritten: leave the global RNG alone
+            bridges = cls(n_layers, d_model, d_model, d_vocab, encoder_topk_frac=None)
         with torch.no_grad():
             for module in (*bridges.encoders, *bridges.decoders):
                 weight = module.W_enc if isinstance(module, BridgeEncoder) else module.W_dec
@@ -235,7 +236,8 @@ class Bridges(nn.Module):
             raise checkpoint.CheckpointError(f"{path} was written by a newer sparse_lens "
                                              f"(format_version {doc['format_version']})")
         try:
-            bridges = cls(**doc["config"])
+            with torch.random.fork_rng():  # the random init is overwritten by the saved weights
+                bridges = cls(**doc["config"])
         except (TypeError, ValueError) as err:
             raise checkpoint.CheckpointError(
                 f"invalid bridges config in {path / CONFIG_FILE}: {err}") from err

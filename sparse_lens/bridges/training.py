@@ -5,28 +5,26 @@
                            BridgeTrainConfig(train=TrainConfig(steps=300)), "runs/small-bridged")
     sparse, bridges = load_bridged("runs/small-bridged")
 
-The loop is the project's own (`sparse_lens.training`): batches from `data.sample_batch` (a pure
-function of seed and step), the L0 anneal and the "sharkfin" LR of `sparsity`, AdamW with the
-paper's settings (`training.make_optimizer`), the global gradient RMS rescale, and the weight
-projection after every step. What differs: the loss is `losses.bridge_losses` (six terms); the
-bridges' own parameters join the optimizer in groups of their own whose LR omits the
+The loop is the project's own, shared with plain runs (`training.loop`): batches a pure function
+of seed and step, the L0 anneal and the "sharkfin" LR, AdamW with the paper's settings
+(`training.make_optimizer`), the weight projection after every step, evaluation, checkpoints,
+Ctrl-C and resume. What differs (`BridgedJob`): the loss is `losses.bridge_losses` (six terms);
+the bridges' own parameters join the optimizer in groups of their own whose LR omits the
 1/sqrt(L0) factor (they are dense; the factor compensates for sparse weights), and their
 gradient is rescaled to RMS 1 apart from the sparse model's: in one global RMS the bridges'
 small share of the gradient would sit far below Adam's deliberately large eps (0.1) and
 they would barely move. The dense model's parameters are frozen for the run (and restored
-after). Runs do not resume.
+after). Runs resume like plain ones, bitwise (`resume=True` or "auto").
 
-A bridged model directory is a sparse model directory (`SparseHookedTransformer.from_pretrained`
-opens it) with a `bridges/` folder: `bridges.json`, `bridges.safetensors`, and `training.json`
-(configs and history). It is written atomically, at checkpoints and at the end.
+A bridged model directory is a sparse model directory with a `bridges/` folder (`bridges.saving`):
+`bridges.json`, `bridges.safetensors`, and `training.json` (configs, step, history) beside the
+optimizer state. It is written atomically, at checkpoints and at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,23 +32,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from sparse_lens import checkpoint, data, sparsity
+from sparse_lens import data, sparsity
+from sparse_lens.bridges import saving
 from sparse_lens.bridges.hybrid import hybrid_kl_table, mean_kl
 from sparse_lens.bridges.losses import LOSS_TERMS, bridge_losses, total_loss
 from sparse_lens.bridges.modules import Bridges, check_models
-from sparse_lens.fingerprint import model_fingerprint
+from sparse_lens.bridges.saving import (  # noqa: F401  (public here too: `sparse_lens.bridges`)
+    BRIDGES_DIR, TRAINING_FILE, load_bridged, save_bridged, training_state,
+)
 from sparse_lens.config import SparseHookedTransformerConfig
+from sparse_lens.fingerprint import model_fingerprint
 from sparse_lens.model import SparseHookedTransformer
 from sparse_lens.training import (
-    NonFiniteLossError, TrainConfig, corpus_for, deterministic_algorithms, make_optimizer,
-    rescale_grad_rms_,
+    Loop, NonFiniteLossError, TrainConfig, corpus_for, deterministic_algorithms, make_optimizer,
+    rescale_grad_rms_, run_loop, seeded_model,
 )
-
-BRIDGES_DIR = "bridges"
-TRAINING_FILE = "training.json"
-log = logging.getLogger(__name__)
+from sparse_lens.training.run import check_vocabulary
+from sparse_lens.training.rundir import config_diffs
 
 
 @dataclass(kw_only=True)
@@ -86,6 +85,11 @@ class BridgeTrainConfig:
         if not (isinstance(self.eval_hybrid_batches, int) and self.eval_hybrid_batches >= 1):
             raise ValueError("BridgeTrainConfig.eval_hybrid_batches must be an integer >= 1")
 
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any]) -> BridgeTrainConfig:
+        """The config `to_json_dict` wrote (as `training.json` holds it)."""
+        return cls(**{**d, "train": TrainConfig(**d["train"])})
+
     def to_json_dict(self) -> dict[str, Any]:
         return dict(train=self.train.to_json_dict(), encoder_topk_frac=self.encoder_topk_frac,
                     hybrid_sites=self.hybrid_sites, loss_weights=dict(self.loss_weights),
@@ -104,90 +108,144 @@ class BridgeTrainResult:
 # -------------------------------------------------------------------------- the run
 def train_bridged(
     dense,
-    sparse: SparseHookedTransformerConfig | SparseHookedTransformer,
+    sparse: SparseHookedTransformerConfig | SparseHookedTransformer | None,
     config: BridgeTrainConfig | None = None,
     out_dir: str | Path = "runs/bridged",
     corpus: data.TokenCorpus | None = None,
     progress: bool = True,
     dense_ref: str | None = None,
+    resume: bool | str = False,
 ) -> BridgeTrainResult:
     """Train a sparse model and its bridges against the frozen `dense` model; save them in
     `out_dir` (see the module docstring). `sparse`: a config (a fresh model, seeded by
     `config.train.seed`) or a model to continue training (e.g. a finished sparse run; then set
     `dense_frac=anneal_end_frac=0` so L0 starts at its target). `dense_ref`: a note saved with
-    the bridges saying where the dense model lives (e.g. its directory)."""
+    the bridges saying where the dense model lives (e.g. its directory).
+
+    `resume`: as for `training.train`: True continues the run checkpointed in `out_dir` (with
+    bitwise the weights an uninterrupted run ends with; `sparse` and `config` may then be None,
+    given ones must match the checkpoint's, and `dense` must be the model the bridges were
+    trained against); "auto" continues one if there is one, else starts one. Ctrl-C writes a
+    checkpoint and raises `TrainingInterrupted`. The global torch RNG is left as it was."""
+    out_dir = Path(out_dir)
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"resume must be False, True or 'auto'; got {resume!r}")
+    resuming = resume is True or (resume == "auto" and saving.has_checkpoint(out_dir))
+    if resuming and config is None and saving.has_checkpoint(out_dir):
+        config = BridgeTrainConfig.from_json_dict(saving.training_state(out_dir)["config"])
     config = config or BridgeTrainConfig()
     with deterministic_algorithms(torch.device(config.train.device).type == "cpu"), _frozen(dense):
-        return _train(dense, sparse, config, Path(out_dir), corpus, progress, dense_ref)
+        return _train(dense, sparse, config, out_dir, corpus, progress, dense_ref, resuming)
 
 
-def _train(dense, sparse, config: BridgeTrainConfig, out_dir: Path, corpus, progress, dense_ref):
-    from sparse_lens.tokenizer import load_tokenizer
-
+def _train(dense, sparse, config: BridgeTrainConfig, out_dir: Path, corpus, progress, dense_ref,
+           resuming: bool) -> BridgeTrainResult:
     start = time.perf_counter()
     tc = config.train
-    if isinstance(sparse, SparseHookedTransformerConfig):
-        torch.manual_seed(tc.seed)
-        tokenizer = dense.tokenizer if dense.tokenizer is not None else load_tokenizer()
-        sparse = SparseHookedTransformer(dataclasses.replace(sparse, device=tc.device), tokenizer=tokenizer)
-    check_models(dense, sparse)
-    bridges = Bridges.for_pair(dense, sparse, config.encoder_topk_frac, seed=tc.seed)
-    bridges.dense_fingerprint = model_fingerprint(dense)
-    bridges.meta = dict(dense_model=dense_ref, dense_model_name=dense.cfg.model_name)
+    if resuming:
+        job, first_step, history = _resumed_job(dense, sparse, config, out_dir)
+    else:
+        job, first_step, history = _fresh_job(dense, sparse, config, out_dir, dense_ref), 0, []
+    sparse = job.sparse
     seq_len = tc.seq_len or min(dense.cfg.n_ctx, sparse.cfg.n_ctx)
     if seq_len > min(dense.cfg.n_ctx, sparse.cfg.n_ctx):
         raise ValueError(f"TrainConfig.seq_len={seq_len} exceeds a model's n_ctx")
     if corpus is None:
         corpus = corpus_for(tc, sparse.tokenizer)
-    if int(corpus.train.max()) >= sparse.cfg.d_vocab:
-        raise ValueError(f"the corpus has token ids >= d_vocab={sparse.cfg.d_vocab}")
-    val_batches = data.validation_batches(corpus.val, tc.batch_size, seq_len, tc.eval_batches)
-
-    optimizer = make_optimizer(sparse, tc)
-    n_sparse_groups = len(optimizer.param_groups)
-    for params, decay in (([p for p in bridges.parameters() if p.ndim >= 2], tc.weight_decay),
-                          ([p for p in bridges.parameters() if p.ndim < 2], 0.0)):
-        optimizer.add_param_group(dict(params=params, weight_decay=decay))
-    sparse_params, bridge_params = list(sparse.parameters()), list(bridges.parameters())
-    target_l0 = sparse.cfg.weight_l0
-    history: list[dict[str, Any]] = []
+    check_vocabulary(corpus, sparse.cfg.d_vocab)
+    job.val_batches = data.validation_batches(corpus.val, tc.batch_size, seq_len, tc.eval_batches)
+    loop = Loop(tc, out_dir, corpus.train, seq_len, tc.device, first_step, history,
+                keep_every_step=True, resume_command=f"train_bridged(..., out_dir={str(out_dir)!r}, resume=True)")
     sparse.train()
-    bar = tqdm(range(tc.steps), disable=not progress, desc="bridged train")
-    for step in bar:
-        l0 = sparsity.l0_at_step(step, tc.steps, target_l0, tc.dense_frac, tc.anneal_end_frac, tc.anneal_kind)
-        lr = sparsity.lr_at_step(step, tc.steps, tc.lr, l0, tc.warmup_frac)
+    run_loop(job, loop, progress, "bridged train")
+    sparse.eval()
+    return BridgeTrainResult(sparse, job.bridges, out_dir, history, time.perf_counter() - start)
+
+
+def _fresh_job(dense, sparse, config: BridgeTrainConfig, out_dir: Path, dense_ref) -> BridgedJob:
+    tc = config.train
+    if isinstance(sparse, SparseHookedTransformerConfig):
+        from sparse_lens.tokenizer import load_tokenizer
+
+        tokenizer = dense.tokenizer if dense.tokenizer is not None else load_tokenizer()
+        sparse = seeded_model(dataclasses.replace(sparse, device=tc.device), tc.seed, tokenizer)
+    check_models(dense, sparse)
+    bridges = Bridges.for_pair(dense, sparse, config.encoder_topk_frac, seed=tc.seed)
+    bridges.dense_fingerprint = model_fingerprint(dense)
+    bridges.meta = dict(dense_model=dense_ref, dense_model_name=dense.cfg.model_name)
+    return BridgedJob(dense, sparse, bridges, config, out_dir)
+
+
+def _resumed_job(dense, sparse, config: BridgeTrainConfig, out_dir: Path):
+    """The job, step and history of the bridged run checkpointed in `out_dir`, checked against
+    the configs and dense model given."""
+    tc = config.train
+    saved_sparse, bridges, state = saving.load_checkpoint(out_dir, tc.device)
+    bridges.check_pair(dense, saved_sparse)  # the dense weights the bridges were trained against
+    saved_config = BridgeTrainConfig.from_json_dict(state["config"])
+    diffs = config_diffs("train", saved_config.train.to_json_dict(), tc.to_json_dict(),
+                         TrainConfig.NON_RESULT_FIELDS)
+    diffs += config_diffs("bridges", saved_config.to_json_dict(), config.to_json_dict(), ("train",))
+    if sparse is not None:
+        given = sparse if isinstance(sparse, SparseHookedTransformerConfig) else sparse.cfg
+        diffs += config_diffs("model", saved_sparse.cfg.to_json_dict(),
+                              dataclasses.replace(given, device=saved_sparse.cfg.device).to_json_dict())
+    if diffs:
+        raise ValueError(f"cannot resume {out_dir}: the configs differ from the checkpoint's: "
+                         + "; ".join(diffs))
+    job = BridgedJob(dense, saved_sparse, bridges, config, out_dir)
+    saving.load_optimizer(saved_sparse, bridges, out_dir, job.optimizer, state)
+    return job, int(state["step"]), list(state["history"])
+
+
+class BridgedJob:
+    """A bridged run's part of the shared loop (`training.loop`): the six-term loss, the bridges'
+    own LR and gradient rescale, the bridged evaluation and checkpoints."""
+
+    def __init__(self, dense, sparse: SparseHookedTransformer, bridges: Bridges,
+                 config: BridgeTrainConfig, out_dir: Path):
+        self.dense, self.sparse, self.bridges, self.config, self.out_dir = dense, sparse, bridges, config, out_dir
+        self.model, self.target_l0 = sparse, sparse.cfg.weight_l0
+        self.val_batches: list[torch.Tensor] = []
+        tc = config.train
+        self.optimizer = make_optimizer(sparse, tc)
+        self.n_sparse_groups = len(self.optimizer.param_groups)
+        for params, decay in (([p for p in bridges.parameters() if p.ndim >= 2], tc.weight_decay),
+                              ([p for p in bridges.parameters() if p.ndim < 2], 0.0)):
+            self.optimizer.add_param_group(dict(params=params, weight_decay=decay))
+        self.sparse_params, self.bridge_params = list(sparse.parameters()), list(bridges.parameters())
+
+    def step(self, step: int, tokens: torch.Tensor, l0: float, lr: float) -> tuple[float, dict[str, float]]:
+        tc, optimizer = self.config.train, self.optimizer
+        # the bridges are dense: their LR omits the 1/sqrt(L0) factor
         bridge_lr = sparsity.lr_at_step(step, tc.steps, tc.lr, 1.0, tc.warmup_frac)
         for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr if i < n_sparse_groups else bridge_lr
-        tokens = data.sample_batch(corpus.train, tc.batch_size, seq_len, step, tc.seed).to(tc.device)
-        terms = bridge_losses(dense, sparse, bridges, tokens, _hybrid_sites(config, len(bridges.sites), step))
-        loss = total_loss(terms, config.loss_weights)
+            group["lr"] = lr if i < self.n_sparse_groups else bridge_lr
+        sites = _hybrid_sites(self.config, len(self.bridges.sites), step)
+        terms = bridge_losses(self.dense, self.sparse, self.bridges, tokens, sites)
+        loss = total_loss(terms, self.config.loss_weights)
         if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"non-finite bridged loss at step {step}: "
-                                     f"{ {k: v.item() for k, v in terms.items()} }")
+            raise NonFiniteLossError(f"non-finite bridged loss {loss.item()} "
+                                     f"({ {k: v.item() for k, v in terms.items()} })")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        rescale_grad_rms_(sparse_params, tc.grad_rms, tc.grad_rms_mode)
-        rescale_grad_rms_(bridge_params, tc.grad_rms, tc.grad_rms_mode)
+        rescale_grad_rms_(self.sparse_params, tc.grad_rms, tc.grad_rms_mode)
+        rescale_grad_rms_(self.bridge_params, tc.grad_rms, tc.grad_rms_mode)
         optimizer.step()
-        sparse.project_weights_(l0)
-        done = step + 1
-        record = dict(step=done, loss=loss.item(), l0=l0, lr=lr, **{k: v.item() for k, v in terms.items()})
-        if done % tc.eval_every == 0 or done == tc.steps:
-            record.update(evaluate_bridged(dense, sparse, bridges, val_batches,
-                                           n_hybrid_batches=config.eval_hybrid_batches))
-            log.info("step %d/%d  loss %.4f  val ce %.4f  val kl %.4f  hybrid d2s %.4f s2d %.4f",
-                     done, tc.steps, record["loss"], record["val_ce"], record["val_kl"],
-                     record["val_hybrid_d2s"], record["val_hybrid_s2d"])
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}", l0=f"{l0:.4f}")
-        if done % tc.checkpoint_every == 0 or done == tc.steps:
-            save_bridged(sparse, bridges, out_dir, dict(config=config.to_json_dict(),
-                                                        model_config=sparse.cfg.to_json_dict(),
-                                                        step=done, history=history))
-    bar.close()
-    sparse.eval()
-    return BridgeTrainResult(sparse, bridges, out_dir, history, time.perf_counter() - start)
+        self.sparse.project_weights_(l0)
+        return loss.item(), {k: v.item() for k, v in terms.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_bridged(self.dense, self.sparse, self.bridges, self.val_batches,
+                                n_hybrid_batches=self.config.eval_hybrid_batches)
+
+    def save(self, step: int, history: list) -> None:
+        state = dict(config=self.config.to_json_dict(), model_config=self.sparse.cfg.to_json_dict(),
+                     step=step, history=history)
+        saving.save_checkpoint(self.sparse, self.bridges, self.out_dir, self.optimizer, state)
+
+    def snapshot(self, path: Path) -> None:
+        saving.save_bridged(self.sparse, self.bridges, path)
 
 
 def _hybrid_sites(config: BridgeTrainConfig, n_sites: int, step: int) -> list[int] | None:
@@ -237,39 +295,3 @@ def _frozen(model):
             p.requires_grad_(r)
 
 
-# -------------------------------------------------------------------------- save / load
-def save_bridged(sparse: SparseHookedTransformer, bridges: Bridges, path: str | Path,
-                 training_state: dict | None = None) -> Path:
-    """Write the sparse model directory at `path` with its bridges in `bridges/` (atomically)."""
-
-    def write_bridges(tmp: Path) -> None:
-        bridges.save(tmp / BRIDGES_DIR)
-        if training_state is not None:
-            (tmp / BRIDGES_DIR / TRAINING_FILE).write_text(json.dumps(training_state, indent=1))
-
-    return checkpoint.save_model(sparse, path, write_extra=write_bridges)
-
-
-def load_bridged(path: str | Path, device: str | torch.device | None = None
-                 ) -> tuple[SparseHookedTransformer, Bridges]:
-    """The sparse model and its bridges from a directory written by `save_bridged` (or
-    `sparse-lens bridges train`). Raises `checkpoint.CheckpointError` when a file is missing or
-    corrupt, or when the bridges do not fit the model beside them."""
-    path = checkpoint.latest_dir(Path(path))
-    sparse = SparseHookedTransformer.from_pretrained(path, device=device)
-    if not (path / BRIDGES_DIR).is_dir():
-        raise checkpoint.CheckpointError(f"{path} holds a model but no {BRIDGES_DIR}/ folder: "
-                                         "not a bridged model (train one with `sparse-lens bridges train`)")
-    bridges = Bridges.load(path / BRIDGES_DIR, device=sparse.cfg.device)
-    c = sparse.cfg
-    if (bridges.d_sparse, bridges.n_layers, bridges.d_vocab) != (c.d_model, c.n_layers, c.d_vocab):
-        raise checkpoint.CheckpointError(
-            f"the bridges in {path / BRIDGES_DIR} are for a sparse model with d_model {bridges.d_sparse}, "
-            f"{bridges.n_layers} layers, vocabulary {bridges.d_vocab}; the model there has "
-            f"{c.d_model}, {c.n_layers}, {c.d_vocab}")
-    return sparse, bridges
-
-
-def training_state(path: str | Path) -> dict:
-    """The `training.json` of a bridged model directory (configs, history)."""
-    return checkpoint.read_json(Path(path) / BRIDGES_DIR / TRAINING_FILE)
