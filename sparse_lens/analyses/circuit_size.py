@@ -19,15 +19,22 @@ from pathlib import Path
 import pandas as pd
 
 from sparse_lens.analyses.common import (
-    ModelSpec, geometric_mean, prune_tasks, settings_dict, train_model, write_outputs,
+    AnalysisResult, ModelSpec, geometric_mean, option, prune_tasks, settings_dict, target_loss_option,
+    tasks_option, train_model, write_outputs,
 )
 
 NAME = "circuit_size"
 QUICK_TASKS = ("single_double_quote", "bracket_counting")
 
 
+def add_arguments(parser) -> None:
+    target_loss_option(parser)
+    tasks_option(parser)
+    option(parser, "--preset", help="model preset of the sparse and dense models (default small)")
+
+
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target_loss: float = 0.15,
-        tasks: list[str] | None = None, preset: str = "small", progress: bool = False) -> Path:
+        tasks: list[str] | None = None, preset: str = "small", progress: bool = False) -> AnalysisResult:
     from sparse_lens.tasks import list_tasks
 
     models_dir = Path(models_dir)
@@ -74,12 +81,10 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
 
 
 def _plot(wide: pd.DataFrame, both, ratio: float, target_loss: float):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
     solved = wide[both]
     if len(solved):
         ax.scatter(solved.edges_sparse.clip(lower=1), solved.edges_dense.clip(lower=1), color="C0")
