@@ -56,15 +56,7 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
         table = prune_tasks(trained, tasks, target_loss, quick, progress)
         table.insert(0, "kind", kind)
         rows.append(table)
-    long = pd.concat(rows, ignore_index=True)
-    wide = long.pivot(index="task", columns="kind", values=["edges", "nodes", "solved", "full_model_loss"])
-    wide.columns = [f"{a}_{b}" for a, b in wide.columns]
-    wide = wide.reindex(tasks).reset_index()
-    both = wide.solved_sparse.astype(bool) & wide.solved_dense.astype(bool)
-    wide["edge_ratio_dense_over_sparse"] = [
-        (d / s if ok and s else float("nan"))
-        for d, s, ok in zip(wide.edges_dense, wide.edges_sparse, both)]
-    ratio = geometric_mean(wide.edge_ratio_dense_over_sparse[both & (wide.edges_sparse > 0)])
+    wide, both, ratio = compare_sizes(pd.concat(rows, ignore_index=True), tasks)
     summary = (
         f"Sparse model `{sparse.spec.name}` (weight L0 {sparse.model.cfg.weight_l0:.4g}): validation "
         f"loss {sparse.val_loss:.4f} nats/token. Dense model `{dense.spec.name}`: {dense.val_loss:.4f} "
@@ -78,6 +70,20 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
                                        preset=preset, dense_steps=dense_steps,
                                        sparse_val_loss=sparse.val_loss, dense_val_loss=dense.val_loss,
                                        geometric_mean_ratio=ratio))
+
+
+def compare_sizes(long: pd.DataFrame, tasks: list[str]) -> tuple[pd.DataFrame, pd.Series, float]:
+    """From one row per (kind, task) (`kind` sparse or dense; edges, nodes, solved,
+    full_model_loss): one row per task with both kinds' columns and the dense/sparse edge ratio
+    (NaN unless both solve it); the tasks both solve; the geometric mean of their ratios."""
+    wide = long.pivot(index="task", columns="kind", values=["edges", "nodes", "solved", "full_model_loss"])
+    wide.columns = [f"{a}_{b}" for a, b in wide.columns]
+    wide = wide.reindex(tasks).reset_index()
+    both = wide.solved_sparse.astype(bool) & wide.solved_dense.astype(bool)
+    wide["edge_ratio_dense_over_sparse"] = [
+        (d / s if ok and s else float("nan"))
+        for d, s, ok in zip(wide.edges_dense, wide.edges_sparse, both)]
+    return wide, both, geometric_mean(wide.edge_ratio_dense_over_sparse[both & (wide.edges_sparse > 0)])
 
 
 def _plot(wide: pd.DataFrame, both, ratio: float, target_loss: float):

@@ -130,7 +130,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: a DataFrame has no single truth value
 class AnalysisResult:
     """What an analysis found and wrote: its table, its summary text (as in summary.md), its
     output folder and the files written there."""
