@@ -7,165 +7,28 @@ import argparse
 import sys
 from pathlib import Path
 
-ABLATION_CHOICES = ("mean", "zero", "task_mean", "resample")  # sparse_lens.ablation.ABLATION_MODES
+from sparse_lens.cli_flags import LazyParser, given_fields
+from sparse_lens.cli_parsers import (
+    FAITHFULNESS_PRUNE_FIELDS, add_analyze_flags, add_demo_flags, add_faithfulness_flags, add_import_flags,
+    add_prune_flags, add_report_flags, add_train_flags,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `sparse-lens` parser. Each subcommand's flags are added when it is used (`LazyParser`),
+    so `sparse-lens --help` imports no config module (torch)."""
     parser = argparse.ArgumentParser(
         prog="sparse-lens",
         description="Weight-sparse transformers and their circuits, in TransformerLens.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=LazyParser)
+    for name, (func, populate, text, description) in SUBCOMMANDS.items():
+        if name == "bridges":
+            from sparse_lens.bridges.cli import add_bridges_parser  # argparse only: --help stays fast
 
-    t = sub.add_parser("train", help="train a weight-sparse (or --dense) model on Python source",
-                       description="Train a weight-sparse transformer (or the dense baseline) on "
-                       "the running interpreter's standard library, or on --sources.")
-    t.add_argument("--preset", default=None, help="model preset: tiny, small, paper (default small)")
-    t.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>[-dense])")
-    t.add_argument("--dense", action="store_true", help="train the dense baseline (weight_l0 = 1)")
-    t.add_argument("--weight-l0", type=float, default=None, help="fraction of nonzeros per matrix")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--seq-len", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None, help="base learning rate (before 1/sqrt(L0))")
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--device", default=None, help="cpu (default) or cuda (under torchrun: one GPU a process)")
-    t.add_argument("--dtype", default=None, choices=["float32", "bf16"],
-                   help="float32 (default), or bf16: the forward pass under bfloat16 autocast (for CUDA)")
-    t.add_argument("--sources", nargs="+", default=None,
-                   help="directories, files or globs of .py files (default: the standard library)")
-    t.add_argument("--max-files", type=int, default=None, help="use a deterministic subset of files")
-    t.add_argument("--eval-every", type=int, default=None)
-    t.add_argument("--checkpoint-every", type=int, default=None)
-    t.add_argument("--snapshot-every", type=int, default=None,
-                   help="keep a model directory every N steps in <out>/snapshots/ (learning curves)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out with its saved settings (flags given must match them)")
-    t.add_argument("--overwrite", action="store_true",
-                   help="start a new run even if --out already holds a model (replaces it)")
-    t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=cmd_train)
-    t.epilog = ("Data-parallel: torchrun --standalone --nproc_per_node=N -m sparse_lens train ... "
-                "(--batch-size is then per process; the global batch is N times it).")
-
-    p = sub.add_parser("prune", help="prune a trained model to the circuit of a task (or all)",
-                       description="Prune a model to the smallest set of nodes that solves a task, "
-                       "everything else mean-ablated; save each circuit and a summary table.")
-    p.add_argument("--model", type=Path, required=True, help="model directory (from `train`)")
-    p.add_argument("--task", nargs="+", default=["all"], help="task names, or all (default)")
-    p.add_argument("--level", choices=("core", "hard"), default="core",
-                   help="task level: core (default; the named behaviour) or hard (with distractors)")
-    p.add_argument("--source", choices=("generated", "corpus"), default="generated",
-                   help="task examples generated (default) or taken from real code (the stdlib "
-                   "validation files; quote and bracket tasks; all means those)")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default <model>/circuits)")
-    p.add_argument("--steps", type=int, default=None, help="mask-optimisation steps")
-    p.add_argument("--target-loss", type=float, default=None)
-    p.add_argument("--k-coef", type=float, default=None, help="penalty per kept node")
-    p.add_argument("--calibrate", action="store_true", help="fit a logit scale and bias (LBFGS)")
-    p.add_argument("--ablation", default=None, choices=ABLATION_CHOICES,
-                   help="what pruned nodes take: mean over the corpus (default), zero, the task's "
-                   "own mean, or another task prompt's activation (resample)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--no-verify", action="store_true", help="skip the verification table")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="prune tasks in N processes (with --device cuda, spread over the GPUs); "
-                   "the circuits are those of the serial run")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_prune)
-
-    d = sub.add_parser("demo", help="the small model (shipped, or --retrain), prune tasks, write the report",
-                       description="The main job: take the small weight-sparse model (the checkpoint "
-                       "shipped in the package, made by `sparse-lens train`; or, with --retrain, train "
-                       "it on the standard library), prune a handful of tasks, verify the circuits "
-                       "and write a self-contained HTML report. A model already in --out is reused.")
-    d.add_argument("--out", type=Path, default=Path("runs/small"), help="run directory (default runs/small)")
-    d.add_argument("--preset", default="small")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: TrainConfig's)")
-    d.add_argument("--retrain", action="store_true",
-                   help="train from scratch instead of copying the shipped checkpoint (about 7 min "
-                   "on 2 CPU cores); a training run already in --out is resumed or reused")
-    d.add_argument("--tasks", nargs="+", default=None, help="tasks to prune (default: four)")
-    d.add_argument("--target-loss", type=float, default=None,
-                   help="task loss a circuit must reach (default 0.65: the CPU-trained small model "
-                   "reaches the paper's 0.15 on no task; a task the full model misses gets no circuit)")
-    d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(func=cmd_demo)
-
-    add_faithfulness_parser(sub)
-
-    r = sub.add_parser("report", help="write one offline HTML report of a model's pruned circuits",
-                       description="Load the circuits saved by `prune` and write a self-contained "
-                       "HTML report (graph, tables, attention heads, neurons; works offline).")
-    r.add_argument("--model", type=Path, required=True, help="model directory (from `train`)")
-    r.add_argument("--circuits", type=Path, default=None,
-                   help="directory of saved circuits, one subdirectory each (default <model>/circuits)")
-    r.add_argument("--out", type=Path, default=None, help="HTML file (default <model>/report.html)")
-    r.add_argument("--prompts", type=int, default=4, help="task prompts per view (default 4)")
-    r.add_argument("--verify-prompts", type=int, default=128,
-                   help="held-out prompts for each circuit's verification table (default 128)")
-    r.add_argument("--corpus-files", type=int, default=200,
-                   help="standard-library files whose validation part gives the corpus snippets")
-    r.add_argument("--device", default=None, help="cpu (default) or cuda")
-    r.set_defaults(func=cmd_report)
-
-    i = sub.add_parser("import-openai", help="convert a model of OpenAI's circuit_sparsity release",
-                       description="Convert a circuit_sparsity release model folder (beeg_config.json "
-                       "+ final_model.pt) into a sparse_lens model directory with identical outputs.")
-    i.add_argument("path", type=Path, help="the release model folder")
-    i.add_argument("out", type=Path, help="the sparse_lens model directory to write")
-    i.add_argument("--tokenizer", type=Path, default=None,
-                   help="the release's tinypython_2k folder (encoder.json + vocab.bpe)")
-    i.set_defaults(func=cmd_import_openai)
-
-    a = sub.add_parser("analyze", help="re-run one of the paper's results (CSV, PNG, summary.md)",
-                       description="Run an analysis of sparse_lens.analyses: circuit-size (sparse vs "
-                       "dense), kurtosis, frontier, dilution, or all. Trains the models it needs into "
-                       "--models-dir (reused across analyses) and writes <out>/<name>/.")
-    a.add_argument("name", choices=["circuit-size", "kurtosis", "frontier", "dilution", "learning-curves",
-                                    "all"])
-    a.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results)")
-    a.add_argument("--models-dir", type=Path, default=Path("runs/analyses"),
-                   help="where the analyses' models are trained and reused (default runs/analyses)")
-    a.add_argument("--quick", action="store_true", help="tiny models, minutes (what the tests run)")
-    a.add_argument("--target-loss", type=float, default=None,
-                   help="task loss a circuit must reach (default 0.15, the paper's)")
-    a.add_argument("--tasks", nargs="+", default=None,
-                   help="tasks to prune or evaluate (circuit-size, frontier, learning-curves)")
-    a.add_argument("--runs", nargs="+", type=Path, default=None,
-                   help="learning-curves: run directories trained with --snapshot-every")
-    a.add_argument("--no-progress", action="store_true")
-    a.set_defaults(func=cmd_analyze)
-    from sparse_lens.bridges.cli import add_bridges_parser  # argparse only: --help stays fast
-
-    add_bridges_parser(sub)
+            add_bridges_parser(sub)
+            continue
+        sub.add_parser(name, help=text, description=description, populate=populate).set_defaults(func=func)
     return parser
-
-
-def add_faithfulness_parser(sub) -> None:
-    f = sub.add_parser("faithfulness", help="check whether circuits can be trusted (controls, "
-                       "partial restoration, interchange, ablation modes)",
-                       description="For each task: load the circuit saved in --circuits (or prune "
-                       "one and save it there), run the faithfulness checks, print the table and "
-                       "write it as <circuit>/faithfulness.csv and <out>/<task>.csv.")
-    f.add_argument("--model", type=Path, required=True, help="model directory (from `train`)")
-    f.add_argument("--task", default="all", help="a task name, or all (default)")
-    f.add_argument("--circuits", type=Path, default=None,
-                   help="directory of saved circuits (default <model>/circuits)")
-    f.add_argument("--out", type=Path, default=None, help="where the tables go (default --circuits)")
-    f.add_argument("--target-loss", type=float, default=None, help="for circuits pruned here")
-    f.add_argument("--steps", type=int, default=None, help="mask-optimisation steps, for circuits pruned here")
-    f.add_argument("--ablation", default=None, choices=ABLATION_CHOICES, help="for circuits pruned here")
-    f.add_argument("--level", default=None, choices=("core", "hard"), help="task level, for circuits pruned here")
-    f.add_argument("--n", type=int, default=None, help="held-out prompts (default 128)")
-    f.add_argument("--draws", type=int, default=None, help="partial-restoration draws (default 16)")
-    f.add_argument("--control-steps", type=int, default=None,
-                   help="optimisation steps of the control searches (default: the circuit's)")
-    f.add_argument("--no-controls", action="store_true", help="skip the nonsense and random-model searches")
-    f.add_argument("--seed", type=int, default=None)
-    f.add_argument("--device", default=None, help="cpu (default) or cuda")
-    f.add_argument("--no-progress", action="store_true")
-    f.set_defaults(func=cmd_faithfulness)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -188,14 +51,10 @@ def _train_command(args: argparse.Namespace, ranks) -> int:
 
     preset = args.preset or "small"
     out = args.out or Path("runs") / f"{preset}{'-dense' if args.dense else ''}"
-    overrides = {} if args.weight_l0 is None else {"weight_l0": args.weight_l0}
+    overrides = given_fields(args, SparseHookedTransformerConfig, ["weight_l0"])
     if args.dense:
         overrides["weight_l0"] = 1.0
-    tc_fields = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                     lr=args.lr, seed=args.seed, device=args.device, dtype=args.dtype, sources=args.sources,
-                     max_files=args.max_files, eval_every=args.eval_every,
-                     checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every)
-    tc_fields = {k: v for k, v in tc_fields.items() if v is not None}
+    tc_fields = given_fields(args, TrainConfig)
     if args.resume:  # the saved settings, with what was given on top (checked against them)
         model_cfg, tc = saved_configs(out)
         if args.preset is not None:
@@ -240,9 +99,7 @@ def _train_command(args: argparse.Namespace, ranks) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from sparse_lens.prune_jobs import prune_tasks
+    from sparse_lens.pipeline import SUMMARY_FILE, prune_tasks
     from sparse_lens.pruning import PruneConfig
     from sparse_lens.tasks import CORPUS_TASKS, get_spec, list_tasks
 
@@ -252,18 +109,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         get_spec(task)  # an unknown name: ValueError listing the known ones
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1; got {args.jobs}")
-    fields = dict(steps=args.steps, target_loss=args.target_loss, k_coef=args.k_coef, seed=args.seed,
-                  level=args.level, source=args.source, ablation=args.ablation)
-    config = PruneConfig(**{k: v for k, v in fields.items() if v is not None},
-                         calibrate=args.calibrate, progress=not args.no_progress)
+    config = PruneConfig(**given_fields(args, PruneConfig))
     out = args.out or args.model / "circuits"
-    outcomes = prune_tasks(args.model, tasks, config, out, verify=not args.no_verify,
-                           device=args.device, jobs=args.jobs,
-                           on_done=lambda outcome: print(outcome.report + "\n"))
-    summary = pd.DataFrame([o.row for o in outcomes])
-    summary.to_csv(out / "summary.csv", index=False)
+    summary = prune_tasks(args.model, tasks, config, out=out, verify=not args.no_verify,
+                          device=args.device, jobs=args.jobs,
+                          on_done=lambda outcome: print(outcome.report + "\n"))
     print(summary.round(4).to_string(index=False))
-    print(f"circuits and summary.csv written to {out}")
+    print(f"circuits and {SUMMARY_FILE} written to {out}")
     return 0
 
 
@@ -280,16 +132,12 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     tasks = list_tasks() if args.task == "all" else [args.task]
     for task in tasks:
         get_spec(task)
-    checks = {k: v for k, v in dict(n=args.n, draws=args.draws, control_steps=args.control_steps,
-                                     seed=args.seed).items() if v is not None}
-    config = FaithfulnessConfig(**checks, controls=not args.no_controls)
+    config = FaithfulnessConfig(**given_fields(args, FaithfulnessConfig))
     model = SparseHookedTransformer.from_pretrained(args.model, device=args.device)
     circuits_dir = args.circuits or args.model / "circuits"
     out = args.out or circuits_dir
     out.mkdir(parents=True, exist_ok=True)
-    fields = dict(steps=args.steps, target_loss=args.target_loss, ablation=args.ablation, level=args.level)
-    prune_config = PruneConfig(**{k: v for k, v in fields.items() if v is not None},
-                               progress=not args.no_progress)
+    prune_config = PruneConfig(**given_fields(args, PruneConfig, FAITHFULNESS_PRUNE_FIELDS))
     means = node_means_for(model, args.model, n_tokens=prune_config.mean_tokens)
     tables = []
     for task in tasks:
@@ -299,7 +147,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
             circuit = prune(model, task, prune_config, means=means)
             circuit.save(circuits_dir / task)
         print(circuit)
-        if circuit.full_model_misses_target:
+        if circuit.summary()["nodes"] is None:  # the full model misses the target
             print("  no circuit to check: the full model misses the target\n")
             continue
         table = circuit.faithfulness(config)
@@ -357,22 +205,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from sparse_lens import analyses
     from sparse_lens.tasks import get_spec
 
-    for task in args.tasks or ():
+    given = {k: v for k, v in vars(args).items()
+             if k not in (*analyses.COMMON_OPTIONS, "command", "func", "analysis")}
+    for task in given.get("tasks") or ():
         get_spec(task)
-    names = [n for n in analyses.ANALYSES if n != "learning-curves" or args.runs or args.quick] \
-        if args.name == "all" else [args.name]
+    names = [args.analysis] if args.analysis != "all" else \
+        [n for n in analyses.ANALYSES if n != "learning-curves" or "runs" in given or args.quick]
     for name in names:
-        options: dict = dict(progress=not args.no_progress)
-        if args.target_loss is not None and name not in ("kurtosis", "learning-curves"):
-            options["target_loss"] = args.target_loss
-        if args.tasks and name in ("circuit-size", "frontier", "learning-curves"):
-            options["tasks"] = args.tasks
-        if name == "learning-curves":
-            options["runs"] = args.runs
-        folder = analyses.run(name, args.out, args.models_dir, quick=args.quick, **options)
-        print(f"{name}: {folder}")
-        summary = (folder / "summary.md").read_text()
-        print(summary.split("\n\n", 1)[1].split("\n\nCommand:")[0])
+        mine = analyses.option_names(name)
+        result = analyses.run(name, args.out, args.models_dir, quick=args.quick, progress=not args.no_progress,
+                              **{k: v for k, v in given.items() if k in mine})
+        print(f"{name}: {result.folder}")
+        print(result.summary)
     return 0
 
 
@@ -386,6 +230,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, args.preset, tasks, args.steps, progress=not args.no_progress,
              retrain=args.retrain, target_loss=DEMO_TARGET_LOSS if args.target_loss is None else args.target_loss)
     return 0
+
+
+ANALYZE_TEXT = ("Run an analysis of sparse_lens.analyses (or all). Trains the models it needs into "
+                "--models-dir (reused across analyses) and writes <out>/<name>/; "
+                "`sparse-lens analyze NAME --help` lists its options.")
+#: name -> (command, its flags, help, description)
+SUBCOMMANDS = {
+    "train": (cmd_train, add_train_flags, "train a weight-sparse (or --dense) model on Python source",
+              "Train a weight-sparse transformer (or the dense baseline) on the running interpreter's "
+              "standard library, or on --sources."),
+    "prune": (cmd_prune, add_prune_flags, "prune a trained model to the circuit of a task (or all)",
+              "Prune a model to the smallest set of nodes that solves a task, everything else "
+              "mean-ablated; save each circuit and a summary table."),
+    "demo": (cmd_demo, add_demo_flags, "the small model (shipped, or --retrain), prune tasks, write the report",
+             "The main job: take the small weight-sparse model (the checkpoint shipped in the package, "
+             "made by `sparse-lens train`; or, with --retrain, train it on the standard library), prune "
+             "a handful of tasks, verify the circuits and write a self-contained HTML report. A model "
+             "already in --out is reused."),
+    "faithfulness": (cmd_faithfulness, add_faithfulness_flags, "check whether circuits can be trusted "
+                     "(controls, partial restoration, interchange, ablation modes)",
+                     "For each task: load the circuit saved in --circuits (or prune one and save it "
+                     "there), run the faithfulness checks, print the table and write it as "
+                     "<circuit>/faithfulness.csv and <out>/<task>.csv."),
+    "report": (cmd_report, add_report_flags, "write one offline HTML report of a model's pruned circuits",
+               "Load the circuits saved by `prune` and write a self-contained HTML report (graph, "
+               "tables, attention heads, neurons; works offline)."),
+    "import-openai": (cmd_import_openai, add_import_flags, "convert a model of OpenAI's circuit_sparsity release",
+                      "Convert a circuit_sparsity release model folder (beeg_config.json + "
+                      "final_model.pt) into a sparse_lens model directory with identical outputs."),
+    "analyze": (cmd_analyze, add_analyze_flags, "re-run one of the paper's results (CSV, PNG, summary.md)",
+                ANALYZE_TEXT),
+    "bridges": (None, None, None, None),  # sparse_lens.bridges.cli declares its own
+}
 
 
 def main(argv: list[str] | None = None) -> int:

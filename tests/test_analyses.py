@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from sparse_lens import analyses
-from sparse_lens.analyses.common import geometric_mean, table_markdown
+from sparse_lens.analyses.circuit_size import compare_sizes
+from sparse_lens.analyses.common import AnalysisResult, geometric_mean, table_markdown
 from sparse_lens.analyses.dilution import crossing, diluted_prompts, fit_inverse_length
 from sparse_lens.analyses.frontier import pareto_front
 from sparse_lens.analyses.kurtosis import excess_kurtosis
@@ -25,16 +26,27 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    """All four analyses in quick mode, sharing one models directory (as the CLI does)."""
+    """All four analyses in quick mode, sharing one models directory (as the CLI does); their
+    output folders."""
     out = tmp_path_factory.mktemp("results")
     models = tmp_path_factory.mktemp("models")
-    folders = {
+    results = {
         "kurtosis": analyses.run("kurtosis", out, models, quick=True),
         "circuit-size": analyses.run("circuit-size", out, models, quick=True, target_loss=LOOSE),
         "frontier": analyses.run("frontier", out, models, quick=True, target_loss=LOOSE),
         "dilution": analyses.run("dilution", out, models, quick=True, target_loss=LOOSE),
     }
-    return folders, models
+    for result in results.values():  # the summary object: what the files hold
+        check_result(result)
+    return {name: result.folder for name, result in results.items()}, models
+
+
+def check_result(result: AnalysisResult) -> None:
+    folder = result.folder
+    assert folder.name == result.name and all(p.is_file() and p.parent == folder for p in result.paths)
+    pd.testing.assert_frame_equal(pd.read_csv(folder / f"{result.name}.csv"), result.table,
+                                  check_dtype=False)
+    assert result.summary in (folder / "summary.md").read_text()
 
 
 def read(folder):
@@ -61,10 +73,14 @@ def test_circuit_size_reports_both_losses_edges_and_their_geometric_mean_ratio(o
     assert set(table.task) == {"single_double_quote", "bracket_counting"}
     both = table.solved_dense & table.solved_sparse
     assert both.all()  # every quick model meets the loose target
-    ratios = table.edges_dense[both] / table.edges_sparse[both]
-    expected = geometric_mean(ratios[table.edges_sparse[both] > 0])
+    ratios = table.edge_ratio_dense_over_sparse
+    for r, d, s in zip(ratios, table.edges_dense, table.edges_sparse):
+        assert r == d / s if s > 0 else math.isnan(r)  # no sparse edges: no ratio
     got = meta["settings"]["geometric_mean_ratio"]
-    assert (math.isnan(expected) and (got is None or math.isnan(got))) or got == pytest.approx(expected)
+    if ratios.notna().any():  # a geometric mean lies between the smallest and largest ratio
+        assert ratios.min() - 1e-9 <= got <= ratios.max() + 1e-9 and f"**{got:.2f}x**" in summary
+    else:
+        assert (got is None or math.isnan(got)) and "undefined" in summary
     sparse, dense = meta["models"]
     assert sparse["model_config"]["weight_l0"] < 1 and dense["model_config"]["weight_l0"] == 1
     assert f"{sparse['val_loss']:.4f}" in summary and f"{dense['val_loss']:.4f}" in summary
@@ -92,8 +108,12 @@ def test_frontier_marks_the_models_no_other_beats(outputs):
     assert len(table) == 4 and np.isfinite(table.val_loss).all()
     solved = table[table.tasks_solved > 0]
     assert len(solved) and np.isfinite(solved.mean_edges).all()
-    assert table.on_frontier.tolist() == pareto_front(table.val_loss, table.mean_edges).tolist()
-    assert table.on_frontier.any()
+    # nothing beats the lowest loss (the fewest edges among ties), nor the fewest edges (the
+    # lowest loss among ties): both points are on the frontier
+    lowest = solved[solved.val_loss == solved.val_loss.min()].mean_edges.idxmin()
+    smallest = solved[solved.mean_edges == solved.mean_edges.min()].val_loss.idxmin()
+    assert table.on_frontier[lowest] and table.on_frontier[smallest]
+    assert not table.on_frontier[table.tasks_solved == 0].any()  # no circuit: no point
     per_task = pd.read_csv(outputs[0]["frontier"] / "frontier_per_task.csv")
     assert len(per_task) == 4 * len(meta["settings"]["tasks"])
 
@@ -105,15 +125,18 @@ def test_dilution_lengthens_the_prompts_and_reports_flip_lengths(outputs):
     assert table.extra_items.tolist() == list(range(len(table)))
     assert table.mean_tokens.is_monotonic_increasing and table.mean_tokens.diff().dropna().gt(1).all()
     assert np.isfinite(table[["full_logit_diff", "circuit_logit_diff", "circuit_fit"]]).all().all()
-    settings = meta["settings"]
-    expected = crossing(table.mean_tokens, table.full_logit_diff)
-    assert (math.isnan(expected) and settings["full_flip_tokens"] != settings["full_flip_tokens"]) \
-        or settings["full_flip_tokens"] == pytest.approx(expected)
+    flip, diff = meta["settings"]["full_flip_tokens"], table.full_logit_diff.tolist()
+    changes = [i for i in range(1, len(diff)) if diff[i - 1] > 0 >= diff[i]]
+    if diff[0] > 0 and changes:  # the flip lies between the lengths where the sign first changes
+        i = changes[0]
+        assert table.mean_tokens[i - 1] <= flip <= table.mean_tokens[i]
+    else:
+        assert flip is None or math.isnan(flip)
 
 
 def test_dilution_stops_lengthening_where_the_context_ends(outputs, tmp_path):
     folder = analyses.run("dilution", tmp_path, outputs[1], quick=True, target_loss=LOOSE, n_prompts=4,
-                          max_extra=500)
+                          max_extra=500).folder
     table, meta, summary = read(folder)
     n_ctx = meta["models"][0]["model_config"]["n_ctx"]
     assert 0 < meta["settings"]["max_extra"] < 500 and len(table) == meta["settings"]["max_extra"] + 1
@@ -134,6 +157,31 @@ def test_the_cli_runs_an_analysis_and_rejects_unknown_ones(outputs, tmp_path, ca
         analyses.run("nonsense", tmp_path)
     assert main(["analyze", "frontier", "--quick", "--tasks", "no_such_task", "--out",
                  str(tmp_path / "r")]) == 2
+
+
+def test_each_analysis_declares_its_options_and_all_gives_each_its_own(monkeypatch, tmp_path, capsys):
+    from sparse_lens.cli import build_parser, main
+
+    assert analyses.option_names("dilution") == {"target_loss", "preset", "n_prompts", "max_extra", "k_fit"}
+    assert analyses.option_names("kurtosis") == {"widths", "l0s", "steps", "n_batches"}
+    args = build_parser().parse_args(["analyze", "dilution", "--n-prompts", "4", "--quick"])
+    assert (args.n_prompts, args.quick) == (4, True) and not hasattr(args, "target_loss")
+    with pytest.raises(SystemExit):  # kurtosis prunes nothing
+        build_parser().parse_args(["analyze", "kurtosis", "--target-loss", "1"])
+    assert "unrecognized arguments: --target-loss" in capsys.readouterr().err
+    calls = {}
+
+    def fake_run(name, out_dir, models_dir, quick=False, **options):
+        calls[name] = options
+        return AnalysisResult(name, pd.DataFrame(), f"{name} done", tmp_path / name, ())
+
+    monkeypatch.setattr(analyses, "run", fake_run)
+    assert main(["analyze", "all", "--target-loss", "2", "--widths", "32", "--no-progress"]) == 0
+    assert calls == {"circuit-size": dict(progress=False, target_loss=2.0),
+                     "kurtosis": dict(progress=False, widths=[32]),
+                     "frontier": dict(progress=False, target_loss=2.0, widths=[32]),
+                     "dilution": dict(progress=False, target_loss=2.0)}  # no --runs: no learning curves
+    assert "dilution done" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------- the pieces, on known inputs
@@ -174,8 +222,29 @@ def test_diluted_prompts_append_items_to_the_open_list():
         assert all(o.count("[") == b.count("[") for o, b in zip(out, base))
 
 
+def test_edge_ratios_and_their_geometric_mean_on_a_hand_table():
+    long = pd.DataFrame(dict(
+        kind=["sparse", "dense"] * 3, task=["a", "a", "b", "b", "c", "c"],
+        edges=[10, 40, 20, 180, 5, 1000], nodes=[1, 2, 3, 4, 5, 6],
+        solved=[True, True, True, True, True, False], full_model_loss=[0.1] * 6))
+    wide, both, ratio = compare_sizes(long, ["a", "b", "c"])
+    assert both.tolist() == [True, True, False]  # c: the dense model misses it
+    # a: 40 / 10 = 4; b: 180 / 20 = 9; c: not solved by both
+    assert wide.edge_ratio_dense_over_sparse[:2].tolist() == [4.0, 9.0]
+    assert math.isnan(wide.edge_ratio_dense_over_sparse[2])
+    assert ratio == pytest.approx(6.0)  # sqrt(4 * 9) = sqrt(36) = 6
+
+
+def test_crossing_on_hand_numbers():
+    # from 3 at length 10 to -1 at length 20: zero at 10 + 10 * 3 / (3 - (-1)) = 17.5
+    assert crossing([10, 20, 30], [3.0, -1.0, -2.0]) == pytest.approx(17.5)
+    # the first change of sign counts: 2 -> 0 between 4 and 8 is at 8 (0 counts as flipped)
+    assert crossing([4, 8, 12, 16], [2.0, 0.0, 1.0, -1.0]) == pytest.approx(8.0)
+
+
 def test_geometric_mean_and_markdown_table():
-    assert geometric_mean([2.0, 8.0]) == pytest.approx(4.0)
+    assert geometric_mean([2.0, 8.0]) == pytest.approx(4.0)  # sqrt(16)
+    assert geometric_mean([1.0, 3.0, 9.0]) == pytest.approx(3.0)  # 27 ** (1 / 3)
     assert math.isnan(geometric_mean([])) and math.isnan(geometric_mean([1.0, 0.0]))
     md = table_markdown(pd.DataFrame(dict(a=[1, 2], b=[0.5, float("nan")])))
     assert md.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.5 |", "| 2 |  |"]
@@ -190,7 +259,7 @@ def test_learning_curves_evaluate_every_snapshot(tmp_path):
     from sparse_lens.model import SparseHookedTransformer
     from sparse_lens.tasks import evaluate_levels
 
-    folder = analyses.run("learning-curves", tmp_path / "out", tmp_path / "models", quick=True)
+    folder = analyses.run("learning-curves", tmp_path / "out", tmp_path / "models", quick=True).folder
     table = pd.read_csv(folder / "learning_curves.csv")
     assert sorted(set(table.step)) == [10, 20]
     assert set(table.tokens) == {10 * 4 * 32, 20 * 4 * 32}

@@ -8,7 +8,7 @@ from conftest import save_tiny_model_with_means
 from sparse_lens import cli
 from sparse_lens.circuit import Circuit
 from sparse_lens.model import SparseHookedTransformer
-from sparse_lens.prune_jobs import prune_tasks
+from sparse_lens.pipeline import prune_tasks
 from sparse_lens.pruning import PruneConfig
 
 TASKS = ["with_as", "for_while", "single_double_quote"]
@@ -47,9 +47,10 @@ def test_outcomes_come_back_in_task_order_and_bad_jobs_are_refused(tokenizer, tm
     save_tiny_model_with_means(tokenizer, model_dir)
     config = PruneConfig(steps=2, target_loss=5, progress=False)
     seen = []
-    outcomes = prune_tasks(model_dir, TASKS, config, tmp_path / "out", verify=False, jobs=2,
-                           on_done=lambda o: seen.append(o.task))
-    assert [o.task for o in outcomes] == TASKS == seen
+    table = prune_tasks(model_dir, TASKS, config, out=tmp_path / "out", verify=False, jobs=2,
+                        on_done=lambda o: seen.append(o.task))
+    assert list(table.task) == TASKS == seen
+    assert pd.read_csv(tmp_path / "out" / "summary.csv").task.tolist() == TASKS
     assert all((tmp_path / "out" / task).is_dir() for task in TASKS)
     with pytest.raises(ValueError, match="jobs must be an integer >= 1"):
-        prune_tasks(model_dir, TASKS, config, tmp_path / "out", jobs=0)
+        prune_tasks(model_dir, TASKS, config, out=tmp_path / "out", jobs=0)

@@ -19,15 +19,22 @@ from pathlib import Path
 import pandas as pd
 
 from sparse_lens.analyses.common import (
-    ModelSpec, geometric_mean, prune_tasks, settings_dict, train_model, write_outputs,
+    AnalysisResult, ModelSpec, geometric_mean, option, prune_tasks, settings_dict, target_loss_option,
+    tasks_option, train_model, write_outputs,
 )
 
 NAME = "circuit_size"
 QUICK_TASKS = ("single_double_quote", "bracket_counting")
 
 
+def add_arguments(parser) -> None:
+    target_loss_option(parser)
+    tasks_option(parser)
+    option(parser, "--preset", help="model preset of the sparse and dense models (default small)")
+
+
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target_loss: float = 0.15,
-        tasks: list[str] | None = None, preset: str = "small", progress: bool = False) -> Path:
+        tasks: list[str] | None = None, preset: str = "small", progress: bool = False) -> AnalysisResult:
     from sparse_lens.tasks import list_tasks
 
     models_dir = Path(models_dir)
@@ -49,15 +56,7 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
         table = prune_tasks(trained, tasks, target_loss, quick, progress)
         table.insert(0, "kind", kind)
         rows.append(table)
-    long = pd.concat(rows, ignore_index=True)
-    wide = long.pivot(index="task", columns="kind", values=["edges", "nodes", "solved", "full_model_loss"])
-    wide.columns = [f"{a}_{b}" for a, b in wide.columns]
-    wide = wide.reindex(tasks).reset_index()
-    both = wide.solved_sparse.astype(bool) & wide.solved_dense.astype(bool)
-    wide["edge_ratio_dense_over_sparse"] = [
-        (d / s if ok and s else float("nan"))
-        for d, s, ok in zip(wide.edges_dense, wide.edges_sparse, both)]
-    ratio = geometric_mean(wide.edge_ratio_dense_over_sparse[both & (wide.edges_sparse > 0)])
+    wide, both, ratio = compare_sizes(pd.concat(rows, ignore_index=True), tasks)
     summary = (
         f"Sparse model `{sparse.spec.name}` (weight L0 {sparse.model.cfg.weight_l0:.4g}): validation "
         f"loss {sparse.val_loss:.4f} nats/token. Dense model `{dense.spec.name}`: {dense.val_loss:.4f} "
@@ -73,13 +72,25 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
                                        geometric_mean_ratio=ratio))
 
 
+def compare_sizes(long: pd.DataFrame, tasks: list[str]) -> tuple[pd.DataFrame, pd.Series, float]:
+    """From one row per (kind, task) (`kind` sparse or dense; edges, nodes, solved,
+    full_model_loss): one row per task with both kinds' columns and the dense/sparse edge ratio
+    (NaN unless both solve it); the tasks both solve; the geometric mean of their ratios."""
+    wide = long.pivot(index="task", columns="kind", values=["edges", "nodes", "solved", "full_model_loss"])
+    wide.columns = [f"{a}_{b}" for a, b in wide.columns]
+    wide = wide.reindex(tasks).reset_index()
+    both = wide.solved_sparse.astype(bool) & wide.solved_dense.astype(bool)
+    wide["edge_ratio_dense_over_sparse"] = [
+        (d / s if ok and s else float("nan"))
+        for d, s, ok in zip(wide.edges_dense, wide.edges_sparse, both)]
+    return wide, both, geometric_mean(wide.edge_ratio_dense_over_sparse[both & (wide.edges_sparse > 0)])
+
+
 def _plot(wide: pd.DataFrame, both, ratio: float, target_loss: float):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
     solved = wide[both]
     if len(solved):
         ax.scatter(solved.edges_sparse.clip(lower=1), solved.edges_dense.clip(lower=1), color="C0")

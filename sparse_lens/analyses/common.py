@@ -10,6 +10,7 @@ makes, so `--models-dir runs` reuses the demo's model and the dense baseline.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -73,20 +74,24 @@ def train_model(spec: ModelSpec, models_dir: Path, quick: bool, progress: bool =
 
 def prune_tasks(trained: TrainedModel, task_names, target_loss: float, quick: bool,
                 progress: bool = False, **prune_overrides) -> pd.DataFrame:
-    """Prune every task on one model at `target_loss`; one row per task (`Circuit.summary()`
-    plus the model's name and validation loss). Circuits are saved under the model's folder."""
-    from sparse_lens.hooks import node_means_for
-    from sparse_lens.pruning import PruneConfig, prune
+    """Prune every task on one model at `target_loss` (`pipeline.prune_tasks`, unverified); one
+    row per task (`Circuit.summary()` after the model's name and validation loss). Circuits are
+    saved in `circuits_dir(trained, target_loss)`."""
+    from sparse_lens.pipeline import prune_tasks as prune_all
+    from sparse_lens.pruning import PruneConfig
 
     overrides = {**(QUICK_PRUNE if quick else {}), **prune_overrides}
     config = PruneConfig(target_loss=target_loss, progress=progress, **overrides)
-    means = node_means_for(trained.model, trained.path, n_tokens=config.mean_tokens)
-    rows = []
-    for task in task_names:
-        circuit = prune(trained.model, task, config, means=means)
-        circuit.save(trained.path / "circuits" / f"{task}-target{target_loss:g}")
-        rows.append(dict(model=trained.spec.name, val_loss=trained.val_loss, **circuit.summary()))
-    return pd.DataFrame(rows)
+    table = prune_all(trained.model, task_names, config, model_dir=trained.path,
+                      out=circuits_dir(trained, target_loss), verify=False)
+    table.insert(0, "model", trained.spec.name)
+    table.insert(1, "val_loss", trained.val_loss)
+    return table
+
+
+def circuits_dir(trained: TrainedModel, target_loss: float) -> Path:
+    """Where the circuits of `trained` at `target_loss` are saved, one folder a task."""
+    return trained.path / "circuits" / f"target{target_loss:g}"
 
 
 def geometric_mean(values) -> float:
@@ -125,17 +130,28 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_outputs(out_dir: str | Path, name: str, table: pd.DataFrame, figure, summary: str,
-                  models: list[TrainedModel], settings: dict[str, Any]) -> Path:
-    """Write `<name>.csv`, `<name>.png`, `summary.md` and `meta.json` into `out_dir/name`.
-    `figure` is a matplotlib Figure (closed after saving)."""
-    import matplotlib.pyplot as plt
+@dataclass(frozen=True, eq=False)  # eq=False: a DataFrame has no single truth value
+class AnalysisResult:
+    """What an analysis found and wrote: its table, its summary text (as in summary.md), its
+    output folder and the files written there."""
 
+    name: str
+    table: pd.DataFrame
+    summary: str
+    folder: Path
+    paths: tuple[Path, ...]
+
+
+def write_outputs(out_dir: str | Path, name: str, table: pd.DataFrame, figure, summary: str,
+                  models: list[TrainedModel], settings: dict[str, Any],
+                  more_tables: dict[str, pd.DataFrame] | None = None) -> AnalysisResult:
+    """Write `<name>.csv`, `<name>.png` (from `figure`, a matplotlib `Figure`), `summary.md`,
+    `meta.json` and `more_tables` ({file name: table}) into `out_dir/name`."""
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
-    table.to_csv(folder / f"{name}.csv", index=False)
-    figure.savefig(folder / f"{name}.png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    paths = [folder / f"{name}.csv", folder / f"{name}.png", folder / "meta.json", folder / "summary.md"]
+    table.to_csv(paths[0], index=False)
+    figure.savefig(paths[1], dpi=120, bbox_inches="tight")
     command = " ".join(shlex.quote(a) for a in ["sparse-lens", *sys.argv[1:]]) \
         if Path(sys.argv[0]).name in ("sparse-lens", "cli.py") else " ".join(map(shlex.quote, sys.argv))
     meta = dict(
@@ -146,11 +162,35 @@ def write_outputs(out_dir: str | Path, name: str, table: pd.DataFrame, figure, s
                      train_config=m.spec.configs(settings.get("quick", False))[1].to_json_dict())
                 for m in models],
     )
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    (folder / "summary.md").write_text(
+    paths[2].write_text(json.dumps(meta, indent=1, default=str))
+    paths[3].write_text(
         f"# {name}\n\n{summary.strip()}\n\nCommand: `{command}` (settings, seeds, model configs "
         f"and versions in `meta.json`).\n\n![{name}]({name}.png)\n\n{table_markdown(table)}\n")
-    return folder
+    for file_name, extra in (more_tables or {}).items():
+        extra.to_csv(folder / file_name, index=False)
+        paths.append(folder / file_name)
+    return AnalysisResult(name, table, summary.strip(), folder, tuple(paths))
+
+
+def option(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    """Declare an analysis option: not given, it stays out of the namespace (`run`'s default)."""
+    parser.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+
+
+def target_loss_option(parser: argparse.ArgumentParser) -> None:
+    option(parser, "--target-loss", type=float,
+           help="task loss a circuit must reach (default 0.15, the paper's)")
+
+
+def tasks_option(parser: argparse.ArgumentParser) -> None:
+    option(parser, "--tasks", nargs="+", help="tasks to prune or evaluate (default: the analysis's)")
+
+
+def sweep_options(parser: argparse.ArgumentParser) -> None:
+    """The width x weight-L0 sweep's options (kurtosis, frontier)."""
+    option(parser, "--widths", nargs="+", type=int, help=f"d_model of the sweep (default {SWEEP_WIDTHS})")
+    option(parser, "--l0s", nargs="+", type=float, help="weight L0s of the sweep (default 1, 1/4, 1/16)")
+    option(parser, "--steps", type=int, help=f"training steps of each sweep model (default {SWEEP_STEPS})")
 
 
 def table_markdown(table: pd.DataFrame, floatfmt: str = ".4g") -> str:

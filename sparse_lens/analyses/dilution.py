@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from sparse_lens.analyses.common import (
-    ModelSpec, prune_tasks, settings_dict, train_model, write_outputs,
+    AnalysisResult, ModelSpec, circuits_dir, option, prune_tasks, settings_dict, target_loss_option,
+    train_model, write_outputs,
 )
 
 NAME = "dilution"
@@ -62,40 +62,32 @@ def fit_inverse_length(lengths, values) -> tuple[float, float, float]:
     return float(a), float(b), float(zero)
 
 
+def add_arguments(parser) -> None:
+    target_loss_option(parser)
+    option(parser, "--preset", help="model preset (default small)")
+    option(parser, "--n-prompts", type=int, help="test prompts ending inside an inner list (default 64)")
+    option(parser, "--max-extra", type=int, help="most items appended to each prompt (default 40)")
+    option(parser, "--k-fit", type=int, help="the fit a + b/L uses the lengths with <= this many "
+           "items appended (default 3)")
+
+
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target_loss: float = 0.15,
         preset: str = "small", n_prompts: int | None = None, max_extra: int | None = None,
-        k_fit: int = 3, progress: bool = False) -> Path:
+        k_fit: int = 3, progress: bool = False) -> AnalysisResult:
     from sparse_lens.circuit import Circuit
-    from sparse_lens.tasks import TaskData, task_logit_diff
     from sparse_lens.tasks.generation import generate_examples
 
     trained = train_model(ModelSpec(preset, preset), Path(models_dir), quick, progress)
     model = trained.model
     pruned = prune_tasks(trained, [TASK], target_loss, quick, progress).iloc[0]
-    circuit = Circuit.load(trained.path / "circuits" / f"{TASK}-target{target_loss:g}", model)
+    circuit = Circuit.load(circuits_dir(trained, target_loss) / TASK, model)
     n_prompts = n_prompts or (8 if quick else 64)
     max_extra = max_extra if max_extra is not None else (6 if quick else 40)
     examples = [e for e in generate_examples(TASK, n=4 * n_prompts, seed=0, split="test",
                                              tokenizer=model.tokenizer) if e.correct == "]]"]
     base = [e.prompt for e in examples[:n_prompts]]
-    rows = []
-    limit = model.cfg.n_ctx - 1  # the prompt and the answer must fit the context
-    for k in range(max_extra + 1):
-        prompts = diluted_prompts(base, k, seed=k)
-        if max(len(model.tokenizer.encode(p)) for p in prompts) > limit:
-            max_extra = k - 1  # the longest lengthening whose every prompt fits
-            break
-        data = TaskData.from_prompts(TASK, prompts, ["]]"] * len(prompts), ["]"] * len(prompts),
-                                     model.tokenizer, max_prompt_tokens=limit)
-        data = data.to(model.cfg.device)
-        with torch.no_grad():
-            full = task_logit_diff(model(data.tokens), data)
-            circ = task_logit_diff(circuit.run(data.tokens), data)
-        rows.append(dict(extra_items=k, mean_tokens=float(data.last_pos.float().mean() + 1),
-                         full_logit_diff=full.mean().item(), full_accuracy=(full > 0).float().mean().item(),
-                         circuit_logit_diff=circ.mean().item(),
-                         circuit_accuracy=(circ > 0).float().mean().item()))
-    table = pd.DataFrame(rows)
+    table = measure(model, circuit, base, max_extra)
+    max_extra = int(table.extra_items.max())
     fit = table[table.extra_items <= k_fit]
     a, b, predicted = fit_inverse_length(fit.mean_tokens, fit.circuit_logit_diff)
     table["circuit_fit"] = a + b / table.mean_tokens
@@ -104,14 +96,6 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
     status = ("solved" if bool(pruned.solved) else
               "NOT solved (the circuit is the best the bisection found, or every node when the "
               "full model misses the target)")
-    def flip_text(flip: float, values: pd.Series, accuracy: pd.Series) -> str:
-        if flip == flip:
-            return f"**{flip:.1f} tokens**"
-        if values.iloc[0] <= 0:
-            return (f"no length: it prefers `]` already at the shortest length (accuracy "
-                    f"{accuracy.iloc[0]:.2f} on these `]]` prompts), so there is no depth signal to dilute")
-        return "no measured length"
-
     summary = (
         f"Model `{trained.spec.name}` (validation loss {trained.val_loss:.4f}); `{TASK}` circuit at "
         f"target {target_loss}: {status}, {circuit.n_nodes} nodes. {len(base)} test prompts ending "
@@ -120,8 +104,8 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
         f"maximum).\n\n"
         f"- Full model: mean logit(]]) - logit(]) {table.full_logit_diff.iloc[0]:.3f} at "
         f"{table.mean_tokens.iloc[0]:.1f} tokens; it flips to `]` at "
-        + flip_text(full_flip, table.full_logit_diff, table.full_accuracy) + ".\n"
-        f"- Circuit: flips at " + flip_text(circuit_flip, table.circuit_logit_diff, table.circuit_accuracy)
+        + _flip_text(full_flip, table.full_logit_diff, table.full_accuracy) + ".\n"
+        f"- Circuit: flips at " + _flip_text(circuit_flip, table.circuit_logit_diff, table.circuit_accuracy)
         + f"; its fit a + b/L on the {len(fit)} shortest lengths (a = {a:.3f}, b = {b:.2f}) predicts "
         + (f"**{predicted:.1f} tokens**." if predicted == predicted else "no flip (the fit does not cross zero).")
     )
@@ -132,13 +116,47 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
                                        circuit_flip_tokens=circuit_flip))
 
 
+def measure(model, circuit, base: list[str], max_extra: int) -> pd.DataFrame:
+    """Mean logit difference and accuracy of the full model and the circuit on `base` lengthened
+    by k = 0, 1, ..., `max_extra` items; stops before the first k at which a prompt no longer
+    fits the context (its answer included). One row per k."""
+    import torch
+
+    from sparse_lens.tasks import TaskData, task_logit_diff
+
+    rows = []
+    limit = model.cfg.n_ctx - 1  # the prompt and the answer must fit the context
+    for k in range(max_extra + 1):
+        prompts = diluted_prompts(base, k, seed=k)
+        if max(len(model.tokenizer.encode(p)) for p in prompts) > limit:
+            break  # k - 1: the longest lengthening whose every prompt fits
+        data = TaskData.from_prompts(TASK, prompts, ["]]"] * len(prompts), ["]"] * len(prompts),
+                                     model.tokenizer, max_prompt_tokens=limit)
+        data = data.to(model.cfg.device)
+        with torch.no_grad():
+            full = task_logit_diff(model(data.tokens), data)
+            circ = task_logit_diff(circuit.run(data.tokens), data)
+        rows.append(dict(extra_items=k, mean_tokens=float(data.last_pos.float().mean() + 1),
+                         full_logit_diff=full.mean().item(), full_accuracy=(full > 0).float().mean().item(),
+                         circuit_logit_diff=circ.mean().item(),
+                         circuit_accuracy=(circ > 0).float().mean().item()))
+    return pd.DataFrame(rows)
+
+
+def _flip_text(flip: float, values: pd.Series, accuracy: pd.Series) -> str:
+    if flip == flip:
+        return f"**{flip:.1f} tokens**"
+    if values.iloc[0] <= 0:
+        return (f"no length: it prefers `]` already at the shortest length (accuracy "
+                f"{accuracy.iloc[0]:.2f} on these `]]` prompts), so there is no depth signal to dilute")
+    return "no measured length"
+
+
 def _plot(table: pd.DataFrame, full_flip: float, predicted: float):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(table.mean_tokens, table.full_logit_diff, "o-", label="full model")
     ax.plot(table.mean_tokens, table.circuit_logit_diff, "s-", label="circuit")
     ax.plot(table.mean_tokens, table.circuit_fit, "--", color="C1", lw=0.8, label="circuit fit a + b/L")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from sparse_lens.analyses.common import (
-    prune_tasks, settings_dict, sweep_specs, train_model, write_outputs,
+    AnalysisResult, prune_tasks, settings_dict, sweep_options, sweep_specs, target_loss_option,
+    tasks_option, train_model, write_outputs,
 )
 
 NAME = "frontier"
@@ -36,9 +37,15 @@ def pareto_front(loss: pd.Series, size: pd.Series) -> pd.Series:
     return pd.Series(keep, index=loss.index)
 
 
+def add_arguments(parser) -> None:
+    target_loss_option(parser)
+    tasks_option(parser)
+    sweep_options(parser)
+
+
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target_loss: float = 0.15,
         tasks: list[str] | None = None, widths=None, l0s=None, steps: int | None = None,
-        progress: bool = False) -> Path:
+        progress: bool = False) -> AnalysisResult:
     tasks = list(tasks or (QUICK_TASKS if quick else DEFAULT_TASKS))
     specs = sweep_specs(quick, widths, l0s, steps)
     trained = [train_model(s, Path(models_dir), quick, progress) for s in specs]
@@ -63,19 +70,16 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
         + (", ".join(f"{r.model} (loss {r.val_loss:.3f}, {r.mean_edges:.0f} edges)" for r in front.itertuples())
            or "empty (no model solves a task at this target)") + "."
     )
-    folder = write_outputs(out_dir, NAME, table, _plot(table, target_loss), summary, trained,
-                           settings_dict(quick=quick, target_loss=target_loss, tasks=tasks))
-    per_task.to_csv(folder / f"{NAME}_per_task.csv", index=False)
-    return folder
+    return write_outputs(out_dir, NAME, table, _plot(table, target_loss), summary, trained,
+                         settings_dict(quick=quick, target_loss=target_loss, tasks=tasks),
+                         more_tables={f"{NAME}_per_task.csv": per_task})
 
 
 def _plot(table: pd.DataFrame, target_loss: float):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
     points = table.dropna(subset=["mean_edges"])
     for l0, g in points.groupby("weight_l0"):
         ax.scatter(g.val_loss, g.mean_edges, s=20 + g.d_model / 4, label=f"weight L0 {l0:.4g}")

@@ -17,7 +17,9 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
-from sparse_lens.analyses.common import settings_dict, sweep_specs, train_model, write_outputs
+from sparse_lens.analyses.common import (
+    AnalysisResult, option, settings_dict, sweep_options, sweep_specs, train_model, write_outputs,
+)
 
 NAME = "kurtosis"
 
@@ -44,8 +46,13 @@ def residual_kurtosis(model, batches: list[torch.Tensor]) -> dict[str, float]:
     return {name: total / count for name, total in sums.items()}
 
 
+def add_arguments(parser) -> None:
+    sweep_options(parser)
+    option(parser, "--n-batches", type=int, help="validation batches of 8 x 64 tokens (default 8)")
+
+
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, widths=None, l0s=None,
-        steps: int | None = None, n_batches: int | None = None, progress: bool = False) -> Path:
+        steps: int | None = None, n_batches: int | None = None, progress: bool = False) -> AnalysisResult:
     from sparse_lens import data
 
     specs = sweep_specs(quick, widths, l0s, steps)
@@ -89,12 +96,10 @@ def _trend(final: pd.DataFrame) -> str:
 
 
 def _plot(table: pd.DataFrame):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
     final = table[table.final]
     for width, g in final.groupby("d_model"):
         g = g.sort_values("weight_l0")

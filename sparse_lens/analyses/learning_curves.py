@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sparse_lens.analyses.common import settings_dict, write_outputs
+from sparse_lens.analyses.common import AnalysisResult, option, settings_dict, tasks_option, write_outputs
 
 NAME = "learning_curves"
 SOLVED_LOSS = 0.15
@@ -87,9 +87,16 @@ def per_snapshot(table: pd.DataFrame) -> pd.DataFrame:
             .reset_index())
 
 
+def add_arguments(parser) -> None:
+    option(parser, "--runs", nargs="+", type=Path,
+           help="learning-curves: run directories trained with --snapshot-every")
+    tasks_option(parser)
+    option(parser, "--n", type=int, help="learning-curves: examples per task and level (default 128)")
+
+
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
         runs: Sequence[str | Path] | None = None, tasks: Sequence[str] | None = None,
-        n: int | None = None, progress: bool = False) -> Path:
+        n: int | None = None, progress: bool = False) -> AnalysisResult:
     """Evaluate the snapshots of `runs` (model run directories); `quick` trains a tiny run with
     snapshots into `models_dir` first and evaluates two tasks on a few examples."""
     if quick:
@@ -106,11 +113,10 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
     summary = ("Full-model task loss of every training snapshot, at each task level (core: the "
                "named behaviour; hard: with distractors; corpus: real code from the validation "
                "files). Last snapshot of each run:\n\n" + "\n".join(lines))
-    folder = write_outputs(out_dir, NAME, table, _plot(summary_table), summary, [],
-                           settings_dict(quick=quick, runs=[str(r) for r in runs],
-                                         tasks=list(tasks) if tasks else "all", n=n or 128))
-    summary_table.to_csv(folder / "per_snapshot.csv", index=False)
-    return folder
+    return write_outputs(out_dir, NAME, table, _plot(summary_table), summary, [],
+                         settings_dict(quick=quick, runs=[str(r) for r in runs],
+                                       tasks=list(tasks) if tasks else "all", n=n or 128),
+                         more_tables={"per_snapshot.csv": summary_table})
 
 
 def _quick_run(models_dir: Path, progress: bool) -> Path:
