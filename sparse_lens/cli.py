@@ -164,6 +164,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from sparse_lens.circuit import CIRCUIT_FILE, Circuit
+    from sparse_lens.data import load_corpus
     from sparse_lens.model import SparseHookedTransformer
     from sparse_lens.viz import write_report
 
@@ -178,10 +179,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         if (path / "faithfulness.csv").is_file():
             import pandas as pd
 
-            circuit.faithfulness_table = pd.read_csv(path / "faithfulness.csv")
+            circuit.results["faithfulness"] = pd.read_csv(path / "faithfulness.csv")
+    corpus = load_corpus(None, model.tokenizer, max_files=args.corpus_files)
     out = write_report(model, circuits, args.out or args.model / "report.html",
                        title=f"Circuits of {args.model.resolve().name}", n_prompts=args.prompts,
-                       corpus_files=args.corpus_files, verify_n=args.verify_prompts)
+                       corpus_tokens=corpus.val, verify_n=args.verify_prompts)
     print(f"report on {len(circuits)} circuit(s) ({', '.join(c.task for c in circuits)}) written to {out}")
     return 0
 

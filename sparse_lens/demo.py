@@ -27,6 +27,8 @@ DEMO_TASKS: tuple[str, ...] = ("single_double_quote", "bracket_counting", "lambd
 #: show no circuit at all. 0.65 is below chance, so a circuit must still carry the model's
 #: preference for the right answer; `--target-loss 0.15` gives the paper's criterion.
 DEMO_TARGET_LOSS = 0.65
+#: the report's neuron views show snippets from the validation stream of this many standard-library files
+REPORT_CORPUS_FILES = 200
 
 
 def run_demo(
@@ -46,6 +48,7 @@ def run_demo(
     from sparse_lens.hooks import node_means_for
     from sparse_lens.pipeline import prune_tasks
     from sparse_lens.pruning import PruneConfig
+    from sparse_lens.data import load_corpus
     from sparse_lens.viz import write_report
 
     out_dir = Path(out_dir)
@@ -69,7 +72,8 @@ def run_demo(
                           means=means, verify_n=128, on_done=done)
 
     print("[4/4] writing the report")
-    report = write_report(model, circuits, out_dir / "report.html",
+    corpus = load_corpus(None, model.tokenizer, max_files=REPORT_CORPUS_FILES)
+    report = write_report(model, circuits, out_dir / "report.html", corpus_tokens=corpus.val,
                           title=f"Circuits of {out_dir.resolve().name}")
     summary = summary.astype({"nodes": "Int64", "edges": "Int64"})  # None: no circuit
     # printed as before; the verification columns are in the returned table and summary.csv

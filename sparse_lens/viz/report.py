@@ -27,24 +27,21 @@ from sparse_lens.viz.view import page
 
 def write_report(model, circuits, path: str | Path, title: str = "sparse_lens circuits",
                  n_prompts: int = 4, corpus_tokens: Int[torch.Tensor, " n"] | None = None,
-                 corpus_files: int | None = None, verify_n: int = 128) -> Path:
+                 verify_n: int = 128) -> Path:
     """Write the report of `circuits` (a sequence of `Circuit`, or a mapping name -> `Circuit`)
     of `model` to `path` and return the path. `n_prompts` task prompts per view; corpus snippets
     from `corpus_tokens`, a 1-D token stream such as `data.load_corpus(None, model.tokenizer,
     max_files=200).val` (None: the neuron views have no snippets and say so; nothing is loaded);
-    circuits not yet verified are verified on `verify_n` prompts. `corpus_files` is deprecated:
-    it loads that many standard-library files' validation stream, as callers did before passing
-    `corpus_tokens`."""
+    circuits not yet verified are verified on `verify_n` prompts."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report_html(model, circuits, title, n_prompts, corpus_tokens, corpus_files, verify_n),
+    path.write_text(report_html(model, circuits, title, n_prompts, corpus_tokens, verify_n),
                     encoding="utf-8")
     return path
 
 
 def report_html(model, circuits, title: str = "sparse_lens circuits", n_prompts: int = 4,
-                corpus_tokens: Int[torch.Tensor, " n"] | None = None, corpus_files: int | None = None,
-                verify_n: int = 128) -> str:
+                corpus_tokens: Int[torch.Tensor, " n"] | None = None, verify_n: int = 128) -> str:
     """The report as one HTML document (see `write_report`)."""
     circuits = list(circuits.values()) if isinstance(circuits, Mapping) else list(circuits)
     if not circuits:
@@ -53,14 +50,6 @@ def report_html(model, circuits, title: str = "sparse_lens circuits", n_prompts:
         if c.model is not model:
             raise ValueError(f"the circuit for {c.task!r} belongs to another model object; load it "
                              "onto this model with Circuit.load(path, model)")
-    if corpus_tokens is None and corpus_files is not None:  # deprecated: an explicit request
-        import warnings
-
-        from sparse_lens.data import load_corpus
-
-        warnings.warn("report_html(corpus_files=...) is deprecated: pass corpus_tokens=load_corpus(None, "
-                      "model.tokenizer, max_files=n).val", DeprecationWarning, stacklevel=3)
-        corpus_tokens = load_corpus(None, model.tokenizer, max_files=corpus_files).val
     ids = [f"circuit-{i}-{re.sub(r'[^A-Za-z0-9_-]', '-', c.task)}" for i, c in enumerate(circuits)]
     sections = [circuit_section(c, section_id, corpus_tokens, n_prompts, verify_n)
                 for c, section_id in zip(circuits, ids)]
