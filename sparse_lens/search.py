@@ -234,17 +234,18 @@ def smallest_passing_prefix(example_losses: ExampleLosses, n_max: int, n_example
     return None
 
 
-def _prefix_losses(model, masker, data, order, registry: NodeRegistry) -> ExampleLosses:
+def _prefix_losses(model, masker, data, order, registry: NodeRegistry,
+                   rows: torch.Tensor | None = None) -> ExampleLosses:
     """`example_losses` for `smallest_passing_prefix`: the circuits keeping the first n nodes of
     `order`, all evaluated in one forward pass (each candidate on its own copy of the rows,
-    with its own row mask), examples taken shortest first."""
-    shortest_first = by_length(data)
+    with its own row mask), examples taken in the order `rows` (default: shortest first)."""
+    rows = by_length(data) if rows is None else rows
     rank = torch.empty(registry.n_nodes, dtype=torch.long)
     rank[order] = torch.arange(registry.n_nodes)
     rank = rank.to(model.cfg.device)
 
-    def example_losses(ns: list[int], rows: slice) -> Float[torch.Tensor, "candidates examples"]:
-        part = data[shortest_first[rows]]
+    def example_losses(ns: list[int], which: slice) -> Float[torch.Tensor, "candidates examples"]:
+        part = data[rows[which]]
         k, e = len(ns), len(part)
         kept = torch.tensor(ns, device=rank.device)[:, None]
         masker.set_row_masks((rank[None, :] < kept).float().repeat_interleave(e, dim=0))
@@ -258,6 +259,29 @@ def _prefix_losses(model, masker, data, order, registry: NodeRegistry) -> Exampl
         return F.softplus(-diff).view(k, e)
 
     return example_losses
+
+
+def hardest_first(example_losses: ExampleLosses, n_examples: int, n_max: int, target: float,
+                  probes: int = 6) -> torch.Tensor:
+    """An order of the evaluation examples that lets `smallest_passing_prefix` reject failing
+    circuits after few examples: by descending loss under the largest failing prefix that a
+    short bisection of [0, n_max] finds (`probes` evaluations). Any order gives the same
+    answer (losses are >= 0, the scan only stops early); this one makes it cheap, since the
+    circuits just short of the answer fail on the examples this one fails on."""
+    everything = slice(0, n_examples)
+    lo, hi, failing = 0, n_max, None
+    for _ in range(probes):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        losses = example_losses([mid], everything)[0]
+        if losses.mean().item() <= target:
+            hi = mid
+        else:
+            lo, failing = mid, losses
+    if failing is None:
+        failing = example_losses([lo], everything)[0]
+    return torch.argsort(failing.detach().cpu(), descending=True, stable=True)
 
 
 def _search(model, masker, data, order, registry: NodeRegistry, config: PruneConfig):
@@ -279,7 +303,10 @@ def _search(model, masker, data, order, registry: NodeRegistry, config: PruneCon
     n_all = registry.n_nodes
     if loss_at(n_all) > config.target_loss:
         return n_all, sorted(curve.items())
-    example_losses = _prefix_losses(model, masker, data, order, registry)
+    shortest = by_length(data)
+    probe = _prefix_losses(model, masker, data, order, registry, shortest)
+    rows = shortest[hardest_first(probe, len(data), n_all, config.target_loss)]
+    example_losses = _prefix_losses(model, masker, data, order, registry, rows)
     n = smallest_passing_prefix(example_losses, n_all, len(data), config.target_loss)
     # the scan sums in another order than `pair_loss`: confirm, moving on past float ties
     while n is not None and n < n_all and loss_at(n) > config.target_loss:

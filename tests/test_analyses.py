@@ -64,6 +64,7 @@ def read(folder):
     return table, meta, summary
 
 
+@pytest.mark.slow
 def test_circuit_size_reports_both_losses_edges_and_their_geometric_mean_ratio(outputs):
     table, meta, summary = read(outputs[0]["circuit-size"])
     assert list(table.columns) == [
@@ -90,6 +91,7 @@ def test_circuit_size_reports_both_losses_edges_and_their_geometric_mean_ratio(o
         meta["settings"]["dense_steps"] == dense["train_config"]["steps"]
 
 
+@pytest.mark.slow
 def test_kurtosis_has_every_site_of_every_model_and_says_the_trend(outputs):
     table, meta, summary = read(outputs[0]["kurtosis"])
     assert list(table.columns) == ["model", "d_model", "weight_l0", "val_loss", "site", "layer",
@@ -101,6 +103,7 @@ def test_kurtosis_has_every_site_of_every_model_and_says_the_trend(outputs):
     assert "Kurtosis rises monotonically as L0 falls at" in summary
 
 
+@pytest.mark.slow
 def test_frontier_marks_the_models_no_other_beats(outputs):
     table, meta, summary = read(outputs[0]["frontier"])
     assert list(table.columns) == ["model", "d_model", "weight_l0", "val_loss", "tasks_solved",
@@ -118,6 +121,7 @@ def test_frontier_marks_the_models_no_other_beats(outputs):
     assert len(per_task) == 4 * len(meta["settings"]["tasks"])
 
 
+@pytest.mark.slow
 def test_dilution_lengthens_the_prompts_and_reports_flip_lengths(outputs):
     table, meta, summary = read(outputs[0]["dilution"])
     assert list(table.columns) == ["extra_items", "mean_tokens", "full_logit_diff", "full_accuracy",
@@ -134,6 +138,7 @@ def test_dilution_lengthens_the_prompts_and_reports_flip_lengths(outputs):
         assert flip is None or math.isnan(flip)
 
 
+@pytest.mark.slow
 def test_dilution_stops_lengthening_where_the_context_ends(outputs, tmp_path):
     folder = analyses.run("dilution", tmp_path, outputs[1], quick=True, target_loss=LOOSE, n_prompts=4,
                           max_extra=500).folder
@@ -144,6 +149,7 @@ def test_dilution_stops_lengthening_where_the_context_ends(outputs, tmp_path):
     assert f"up to {meta['settings']['max_extra']} more items" in summary
 
 
+@pytest.mark.slow
 def test_the_cli_runs_an_analysis_and_rejects_unknown_ones(outputs, tmp_path, capsys):
     from sparse_lens.cli import main
 
@@ -253,6 +259,7 @@ def test_geometric_mean_and_markdown_table():
     assert md.splitlines()[2:] == ["| 27,248 | 0.6144 |", "|  | 1.235e+04 |", "| 1182 | 2 |"]
 
 
+@pytest.mark.slow
 def test_learning_curves_evaluate_every_snapshot(tmp_path):
     """A tiny run with two snapshots: one row per (snapshot, task, level), tokens as steps x 4 x 32,
     the loss of the last snapshot's core quote task the same as evaluating that model directly."""

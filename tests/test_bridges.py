@@ -158,6 +158,7 @@ def bridged(dense_model, corpus, tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 def test_bridge_losses_fall_during_training(bridged, dense_model):
     history = bridged.history
     assert len(history) == 60 and bridged.sparse.cfg.weight_l0 == 1 / 4
@@ -194,6 +195,7 @@ def test_nmse_is_one_for_the_mean_and_zero_for_the_target():
 
 
 # ------------------------------------------------------------------------ save / load
+@pytest.mark.slow
 def test_save_and_load_round_trip_with_the_sparse_model(bridged, dense_model, tokens, tmp_path):
     dense, _ = dense_model
     sparse, bridges = B.load_bridged(bridged.out_dir)
@@ -370,6 +372,7 @@ def test_site_after_and_node_labels():
 
 
 # -------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_train_eval_edit(dense_model, tmp_path, capsys):
     _, dense_dir = dense_model
     out, results = tmp_path / "bridged", tmp_path / "results"

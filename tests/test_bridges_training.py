@@ -59,6 +59,7 @@ def kill(step):
     return sampling_that_calls(raise_, step)
 
 
+@pytest.mark.slow
 def test_a_killed_bridged_run_resumes_bitwise(dense, corpus, tmp_path, monkeypatch):
     sparse_cfg = SparseHookedTransformerConfig(**MICRO)
     whole = B.train_bridged(dense, sparse_cfg, config(), tmp_path / "a", corpus=corpus, progress=False)
@@ -77,8 +78,10 @@ def test_a_killed_bridged_run_resumes_bitwise(dense, corpus, tmp_path, monkeypat
     assert torch.equal(next(bridges.parameters()), next(whole.bridges.parameters()))
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_a_bridged_run_and_auto_resume_continues_bitwise(dense, corpus, tmp_path,
                                                                            monkeypatch):
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in the background
     sparse_cfg = SparseHookedTransformerConfig(**MICRO)
     whole = B.train_bridged(dense, sparse_cfg, config(), tmp_path / "a", corpus=corpus, progress=False)
     ctrl_c = sampling_that_calls(lambda: os.kill(os.getpid(), signal.SIGINT), at_step=4)
@@ -86,7 +89,7 @@ def test_ctrl_c_checkpoints_a_bridged_run_and_auto_resume_continues_bitwise(dens
     with pytest.raises(training.TrainingInterrupted, match=r"step 5 .*resume=True"):
         B.train_bridged(dense, sparse_cfg, config(), tmp_path / "b", corpus=corpus, progress=False)
     monkeypatch.undo()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before
     assert saving.training_state(tmp_path / "b")["step"] == 5
     # the saved configs are used; the sparse model is the checkpoint's
     resumed = B.train_bridged(dense, None, None, tmp_path / "b", corpus=corpus, progress=False,

@@ -28,6 +28,7 @@ def model_dir(tokenizer, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_prune_writes_circuits_and_a_summary(model_dir, tmp_path, capsys):
     out = tmp_path / "circuits"
     # the untrained model misses the 0.15 target: reported unsolved, nothing forced
@@ -46,6 +47,7 @@ def test_prune_writes_circuits_and_a_summary(model_dir, tmp_path, capsys):
     assert circuit.n_nodes == pd.read_csv(out / "summary.csv").nodes.iloc[0]
 
 
+@pytest.mark.slow
 def test_prune_level_and_source_reach_the_pruning_config(model_dir, tmp_path, capsys):
     out = tmp_path / "circuits"
     assert cli.main(["prune", "--model", str(model_dir), "--task", "for_while", "--level", "hard",
@@ -72,6 +74,7 @@ def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize("script, extra", [("inspect_model.py", []),
                                            ("find_circuit.py", ["with_as", "--target-loss", "5",
                                                                 "--steps", "2"])])
+@pytest.mark.slow
 def test_example_scripts_run(model_dir, script, extra):
     from pathlib import Path
 
@@ -82,6 +85,7 @@ def test_example_scripts_run(model_dir, script, extra):
     assert ("achieved_l0" in result.stdout) if script == "inspect_model.py" else ("circuit" in result.stdout)
 
 
+@pytest.mark.slow
 def test_demo_trains_prunes_reports_and_then_reuses_the_run(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--preset", "tiny", "--steps", "4",
@@ -98,6 +102,7 @@ def test_demo_trains_prunes_reports_and_then_reuses_the_run(tmp_path, capsys):
     assert (out / "node_means.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_train_refuses_to_replace_a_run_and_resume_alone_continues_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SPARSE_LENS_CACHE", str(tmp_path / "cache"))
     run = str(tmp_path / "run")
@@ -115,6 +120,7 @@ def test_train_refuses_to_replace_a_run_and_resume_alone_continues_it(tmp_path, 
     assert cli.main(["train", "--out", run, "--steps", "4", "--overwrite", *common]) == 0
 
 
+@pytest.mark.slow
 def test_faithfulness_prunes_checks_and_writes_the_tables(model_dir, tmp_path, capsys):
     circuits, out = tmp_path / "circuits", tmp_path / "tables"
     assert cli.main(["faithfulness", "--model", str(model_dir), "--task", "with_as", "--circuits",

@@ -143,6 +143,7 @@ def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
     assert data.default_cache_dir() == Path.home() / ".cache" / "sparse_lens"
 
 
+@pytest.mark.slow
 def test_load_corpus_on_a_stdlib_subset(tmp_path, tokenizer):
     corpus = data.load_corpus(None, tokenizer, max_files=40, cache_dir=tmp_path)
     assert len(corpus.train_files) + len(corpus.val_files) == 40 and corpus.val_files

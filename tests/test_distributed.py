@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, PER_RANK, SEQ, FILES = 6, 2, 32, 30
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_hold_equal_weights_and_follow_the_single_process_curve(tmp_path, tokenizer,
                                                                                      monkeypatch):
     monkeypatch.setenv("SPARSE_LENS_CACHE", str(tmp_path / "cache"))
@@ -100,6 +101,7 @@ def test_resuming_with_another_world_size_is_a_clear_error(tmp_path, tokenizer, 
               ranks=RankContext(rank=0, world_size=2))
 
 
+@pytest.mark.slow
 def test_python_dash_m_sparse_lens_is_the_cli():
     run = subprocess.run([sys.executable, "-m", "sparse_lens", "train", "--help"],
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)

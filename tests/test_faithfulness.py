@@ -255,6 +255,7 @@ def test_ablation_hooks_come_off_even_when_a_pass_raises(true_model):
     assert not any(model.hook_dict[s.hook_name].fwd_hooks for s in reg.sites)
 
 
+@pytest.mark.slow
 def test_prune_under_each_mode_records_it_and_the_circuit_reloads_with_it(true_model, tmp_path):
     model, means = true_model
     with pytest.raises(ValueError, match="ablation"):
@@ -273,6 +274,7 @@ def test_prune_under_each_mode_records_it_and_the_circuit_reloads_with_it(true_m
 
 
 # ---------------------------------------------------------------------- the checks
+@pytest.mark.slow
 def test_the_true_mechanism_passes_every_check(true_model):
     model, means = true_model
     circuit = prune(model, hand_task(), means=means, **PRUNE)
@@ -305,6 +307,7 @@ def test_mean_ablation_fools_verify_on_the_spurious_circuit(shared_model):
     assert cache["blocks.0.mlp.hook_post"][..., [M_PLUS, M_MINUS]].abs().max() < 1e-3
 
 
+@pytest.mark.slow
 def test_the_checks_flag_the_spurious_circuit(spurious_model):
     model, means = spurious_model
     circuit = circuit_of(model, means, planted(model, "spurious"))

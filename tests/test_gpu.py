@@ -41,6 +41,7 @@ def test_an_unknown_dtype_is_refused():
         TrainConfig(dtype="fp16")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="measures on CUDA instead")
 def test_the_gpu_benchmark_skips_cleanly_without_cuda():
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py")],

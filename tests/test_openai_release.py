@@ -191,6 +191,7 @@ def planted_release_checkpoint(tmp_path):
     return write_release_folder(tmp_path / "planted", cfg, sd)
 
 
+@pytest.mark.slow
 def test_the_circuit_engine_recovers_a_circuit_planted_in_a_release_checkpoint(tmp_path):
     import sys
 

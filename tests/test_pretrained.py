@@ -53,6 +53,7 @@ def shipped_tiny(tmp_path_factory):
     return root, run.model
 
 
+@pytest.mark.slow
 def test_a_packed_run_loads_exactly_with_its_provenance(shipped_tiny, tmp_path):
     root, model = shipped_tiny
     assert not any(p.name == TRAINING_DIR for p in (root / "tiny").iterdir())  # no optimizer state
@@ -80,6 +81,7 @@ def test_a_packed_run_loads_exactly_with_its_provenance(shipped_tiny, tmp_path):
         pretrained.load("tiny", root=damaged)
 
 
+@pytest.mark.slow
 def test_unfinished_runs_are_not_shipped(tmp_path):
     corpus = data.load_corpus(None, max_files=20, cache_dir=tmp_path / "cache")
     train(SparseHookedTransformerConfig.preset("tiny"), TrainConfig(steps=4, checkpoint_every=1),
@@ -123,6 +125,7 @@ def test_the_demo_chooses_its_model(shipped_tiny, tmp_path, monkeypatch):
     assert demo.model_source(model_only, "tiny", steps=2) == "train"  # a training run: resume/reuse
 
 
+@pytest.mark.slow
 def test_demo_starts_from_the_shipped_checkpoint_then_reuses_it_and_retrains_on_request(
         shipped_tiny, tmp_path, monkeypatch, capsys):
     root, model = shipped_tiny

@@ -22,6 +22,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_two_jobs_write_the_circuits_and_summary_of_the_serial_run(tokenizer, tmp_path, one_thread):
     model_dir = tmp_path / "tiny"
     save_tiny_model_with_means(tokenizer, model_dir)
@@ -42,6 +43,7 @@ def test_two_jobs_write_the_circuits_and_summary_of_the_serial_run(tokenizer, tm
         assert (a.tau is None and b.tau is None) or torch.equal(a.tau, b.tau)
 
 
+@pytest.mark.slow
 def test_outcomes_come_back_in_task_order_and_bad_jobs_are_refused(tokenizer, tmp_path, one_thread):
     model_dir = tmp_path / "tiny"
     save_tiny_model_with_means(tokenizer, model_dir)

@@ -324,6 +324,7 @@ def test_last_token_predictor_solves_a_last_token_task_and_not_a_context_task(to
         last_token_accuracy(by_last[[]], by_last)
 
 
+@pytest.mark.slow
 def test_core_tasks_marked_too_easy_are_exactly_those_the_guard_solves(tokenizer):
     """The guard's verdict on each core task agrees with `TaskSpec.too_easy` (lambda_func is
     the one marked: its last token gives the answer away)."""
@@ -355,6 +356,7 @@ def corpus_dir(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CORPUS_TASKS)
 def test_corpus_instances_are_real_balanced_checked_and_split(tokenizer, corpus_dir, name):
     files = [corpus_dir]
@@ -399,6 +401,7 @@ def test_corpus_source_errors_are_clear(tokenizer, corpus_dir):
         get_task("single_double_quote", tokenizer, n=4, corpus=[corpus_dir])
 
 
+@pytest.mark.slow
 def test_default_corpus_is_the_stdlib_validation_split(tokenizer):
     from sparse_lens import data
     from sparse_lens.tasks import default_corpus_files
@@ -410,6 +413,7 @@ def test_default_corpus_is_the_stdlib_validation_split(tokenizer):
 
 
 # ---------------------------------------------------------------------------- evaluate_levels
+@pytest.mark.slow
 def test_evaluate_levels_reports_the_task_loss_of_each_level(tokenizer):
     from sparse_lens.config import SparseHookedTransformerConfig
     from sparse_lens.model import SparseHookedTransformer

@@ -59,6 +59,7 @@ def test_eos_pad_and_no_bos(tokenizer):
     assert ids(tokenizer, EOS_TOKEN) == [0]
 
 
+@pytest.mark.slow
 def test_round_trip_is_lossless_on_real_files(tokenizer):
     files = data.select_subset(data.stdlib_source_files(), 200)
     for f in files:
@@ -71,6 +72,7 @@ def test_round_trip_is_lossless_on_odd_text(tokenizer, text):
     assert tokenizer.decode(ids(tokenizer, text)) == text
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_and_saves_a_loadable_directory(tmp_path):
     files = data.select_subset(data.stdlib_source_files(), 12)
     a = train_tokenizer(files, vocab_size=400, out_dir=tmp_path / "a")

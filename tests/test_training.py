@@ -27,6 +27,7 @@ def short(**overrides):
                                  eval_batches=2, checkpoint_every=10, lr=3e-3), **overrides})
 
 
+@pytest.mark.slow
 def test_training_on_the_stdlib_beats_the_unigram_baseline_and_is_sparse(corpus, tmp_path):
     tc = TrainConfig(steps=300, batch_size=8, seq_len=64, eval_every=100, eval_batches=4,
                      checkpoint_every=300, lr=3e-3)
@@ -53,6 +54,7 @@ def test_dense_baseline_uses_the_same_entry_point_and_stays_dense(corpus, tmp_pa
     assert all(r["l0"] == 1.0 for r in result.history)
 
 
+@pytest.mark.slow
 def test_stop_at_val_loss_stops_at_the_first_evaluation_that_reaches_it(corpus, tmp_path):
     free = train(tiny_cfg(), short(), tmp_path / "free", corpus=corpus, progress=False)
     target = free.history[1]["val_loss"]  # reached at step 20 of 40 (the same run, up to there)
@@ -68,6 +70,7 @@ def test_stop_at_val_loss_stops_at_the_first_evaluation_that_reaches_it(corpus, 
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_l0_is_annealed_over_the_first_half(corpus, tmp_path):
     result = train(tiny_cfg(weight_l0=1 / 8), short(steps=40), tmp_path / "r", corpus=corpus,
                    progress=False)
@@ -78,6 +81,7 @@ def test_l0_is_annealed_over_the_first_half(corpus, tmp_path):
     assert l0[30] == pytest.approx(1 / 8) and l0[40] == pytest.approx(1 / 8)
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_bitwise_identical_weights(corpus, tmp_path, monkeypatch):
     cfg, tc = tiny_cfg(weight_l0=1 / 8), short(steps=40)
     uninterrupted = train(cfg, tc, tmp_path / "a", corpus=corpus, progress=False).model
@@ -185,6 +189,7 @@ def _train_in_subprocess(tmp_path, name, hash_seed, mode="guarded"):
     return out.stdout.split()[-1]
 
 
+@pytest.mark.slow
 def test_training_from_scratch_is_bitwise_reproducible_across_processes(tmp_path):
     """Two fresh processes (different hash seeds; the first tokenizes the corpus, the second reads
     the token cache) train the same weights, bit for bit, with 2 threads: a batch of 8 x 64
@@ -246,10 +251,12 @@ def test_resume_with_nothing_to_resume_is_an_error(corpus, tmp_path):
     assert not (tmp_path / "empty").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_alone_continues_bitwise(corpus, tmp_path, monkeypatch):
     import os
     import signal
 
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in the background
     cfg, tc = tiny_cfg(weight_l0=1 / 8), short(steps=40)
     uninterrupted = train(cfg, tc, tmp_path / "a", corpus=corpus, progress=False).model
     real_sample = data.sample_batch
@@ -258,7 +265,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_alone_continues_bitwise(corpus, tm
     with pytest.raises(training.TrainingInterrupted, match=r"step 14 .*--resume"):
         train(cfg, tc, tmp_path / "b", corpus=corpus, progress=False)
     monkeypatch.setattr(data, "sample_batch", real_sample)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
     assert checkpoint.read_json(tmp_path / "b" / "training" / "state.json")["step"] == 14
     resumed = train(None, None, tmp_path / "b", resume=True, corpus=corpus, progress=False)
     for (name, a), (_, b) in zip(uninterrupted.named_parameters(), resumed.model.named_parameters()):

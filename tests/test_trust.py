@@ -170,6 +170,7 @@ def test_python_dash_m_sparse_lens_runs_the_cli():
     assert "usage: sparse-lens" in out.stdout and "train" in out.stdout
 
 
+@pytest.mark.slow
 def test_subpackages_are_attributes_of_the_package():
     code = ("import sparse_lens\n"
             "for name in ('viz', 'bridges', 'analyses', 'tasks', 'hooks'):\n"
@@ -278,6 +279,7 @@ def test_cached_means_of_another_corpus_are_recomputed(model_dir, tmp_path, monk
         node_means_for(model, path, tokens=other, n_tokens=256)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium to render headless")
 def test_in_a_browser_later_views_reuse_the_bundle_and_early_ones_wait_for_it(tmp_path, monkeypatch):
     """A page laid out as a notebook's outputs: a view shown before the bundle arrived (its

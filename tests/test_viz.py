@@ -168,6 +168,7 @@ def test_graph_draws_the_circuit_by_layer_with_signed_edges_and_escaped_titles(c
     assert "capped" not in view.body.lower()
 
 
+@pytest.mark.slow
 def test_a_capped_graph_says_so(model, means, registry):
     everything = Circuit(model, "single_double_quote", range(registry.n_nodes), None, means,
                          PruneConfig(), {"full_model": 0.7})
@@ -365,6 +366,7 @@ def test_report_scripts_evaluate_in_node(report):
                for c in calls)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium to render the report headless")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -403,6 +405,7 @@ def model_dir(tokenizer, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_cli_report_writes_the_report_of_the_saved_circuits(model_dir, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("SPARSE_LENS_CACHE", str(tmp_path / "cache"))
     assert cli.main(["report", "--model", str(model_dir), "--prompts", "1", "--corpus-files", "3",
