@@ -326,11 +326,13 @@ def test_mask_hooks_leave_the_users_hooks_even_on_an_exception(model, means):
     try:
         site.add_hook(mine)  # a permanent-style user hook, outside any context
         with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", mine)]):  # and one in the user's context
+            site.ctx["seen"] = 1  # what a user's hook keeps between calls
             with pytest.raises(RuntimeError, match="boom"):
                 with masked_nodes(model, reg, torch.ones(reg.n_nodes), means):
                     assert len(site.fwd_hooks) == 3
                     raise RuntimeError("boom")
             assert len(site.fwd_hooks) == 2
+            assert site.ctx == {"seen": 1}
             assert sum(len(model.hook_dict[s.hook_name].fwd_hooks) for s in reg.sites) == 2
         assert len(site.fwd_hooks) == 1
     finally:

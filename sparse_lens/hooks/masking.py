@@ -104,9 +104,10 @@ def masked_nodes(
 @contextmanager
 def attached(model, masker: NodeMasker) -> Iterator[NodeMasker]:
     """Register `masker`'s hook at every node site of `model` through `model.hooks(...)`, which
-    removes exactly those hooks on exit, exception or not (the user's own hooks stay)."""
+    removes exactly those hooks on exit, exception or not (the user's own hooks stay, and so do
+    their hook contexts: `clear_contexts=False`)."""
     hooks = [(site.hook_name, masker.hook_for(site.hook_name)) for site in masker.registry.sites]
-    with model.hooks(fwd_hooks=hooks):
+    with model.hooks(fwd_hooks=hooks, clear_contexts=False):
         yield masker
 
 
