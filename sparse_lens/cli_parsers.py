@@ -76,8 +76,8 @@ def add_demo_flags(d: argparse.ArgumentParser) -> None:
                    "or reused")
     d.add_argument("--tasks", nargs="+", default=None, help="tasks to prune (default: four)")
     d.add_argument("--target-loss", type=float, default=None,
-                   help="task loss a circuit must reach (default 0.65: the CPU-trained small model "
-                   "reaches the paper's 0.15 on no task; a task the full model misses gets no circuit)")
+                   help="task loss a circuit must reach (default 0.15, the paper's; a task the "
+                   "full model misses gets no circuit)")
     d.add_argument("--no-progress", action="store_true")
 
 
