@@ -7,6 +7,8 @@ import signal
 import pytest
 import torch
 
+from test_training import sampling_that_calls
+
 from sparse_lens import bridges as B
 from sparse_lens import data, training
 from sparse_lens.bridges import saving
@@ -35,16 +37,6 @@ def config(**overrides) -> B.BridgeTrainConfig:
                                eval_batches=1, checkpoint_every=3), **overrides})
     return B.BridgeTrainConfig(train=tc, hybrid_sites=2, eval_hybrid_batches=1)
 
-
-def sampling_that_calls(action, at_step: int):
-    real_sample = data.sample_batch
-
-    def sample(tokens, batch_size, seq_len, step, seed):
-        if step == at_step:
-            action()
-        return real_sample(tokens, batch_size, seq_len, step, seed)
-
-    return sample
 
 
 def assert_same_weights(a: B.BridgeTrainResult, b: B.BridgeTrainResult) -> None:
