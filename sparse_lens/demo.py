@@ -47,10 +47,10 @@ def run_demo(
     table (`pipeline.prune_tasks`'s, also written to `<out_dir>/circuits/summary.csv`) and the
     report's path. Prints progress as it goes. `target_loss` is the task loss (mean binary CE,
     nats) a circuit must reach (see `DEMO_TARGET_LOSS`)."""
+    from sparse_lens.data import load_corpus
     from sparse_lens.hooks import node_means_for
     from sparse_lens.pipeline import prune_tasks
     from sparse_lens.pruning import PruneConfig
-    from sparse_lens.data import load_corpus
     from sparse_lens.viz import write_report
 
     out_dir = Path(out_dir)

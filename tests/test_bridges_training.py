@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 
+from test_bridges import MICRO
 from test_training import sampling_that_calls
 
 from sparse_lens import bridges as B
@@ -15,8 +16,6 @@ from sparse_lens.bridges import saving
 from sparse_lens.config import SparseHookedTransformerConfig
 from sparse_lens.training import TrainConfig, train
 
-MICRO = dict(n_layers=2, d_model=32, d_head=8, d_mlp=64, n_ctx=64, weight_l0=1 / 4,
-             use_attention_sinks=True, model_name="micro")
 
 
 @pytest.fixture(scope="module")
