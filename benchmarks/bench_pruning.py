@@ -50,12 +50,12 @@ def timed(phases: dict, name: str, module, attr: str):
 
 def prune_once(model, task: str, target: float, steps: int, means) -> dict:
     """One pruning run: its circuit and the seconds of each phase."""
-    from sparse_lens import pruning
+    from sparse_lens import pruning, search
 
     phases: dict[str, list[float]] = {}
     config = pruning.PruneConfig(progress=False, steps=steps, target_loss=target)
     wall, cpu = time.perf_counter(), time.process_time()
-    with timed(phases, "optimise", pruning, "_optimise_taus"), timed(phases, "search", pruning, "_search"):
+    with timed(phases, "optimise", search, "_optimise_taus"), timed(phases, "search", search, "_search"):
         circuit = pruning.prune(model, task, config, means=means)
     phases["total"] = [time.perf_counter() - wall, time.process_time() - cpu]
     return dict(circuit=circuit, phases=phases, steps=steps)

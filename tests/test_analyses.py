@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from sparse_lens import analyses
-from sparse_lens.analyses.circuit_size import compare_sizes
-from sparse_lens.analyses.common import AnalysisResult, geometric_mean, table_markdown
+from sparse_lens.analyses.circuit_size import compare_sizes, dense_spec
+from sparse_lens.analyses.common import (AnalysisResult, existing_model, geometric_mean, result_settings,
+                                         table_markdown)
 from sparse_lens.analyses.dilution import crossing, diluted_prompts, fit_inverse_length
 from sparse_lens.analyses.frontier import pareto_front
 from sparse_lens.analyses.kurtosis import excess_kurtosis
@@ -279,3 +280,23 @@ def test_learning_curves_evaluate_every_snapshot(tmp_path):
     assert (folder / "learning_curves.png").stat().st_size > 0
     per = pd.read_csv(folder / "per_snapshot.csv")
     assert per.solved.le(per.tasks).all()
+
+
+def test_the_shipped_model_as_the_sparse_side_gets_a_dense_baseline_with_its_settings(tmp_path):
+    """`--sparse-model small`: the shipped checkpoint, written as a model directory once, with the
+    validation loss and training settings of its provenance; the dense baseline shares the
+    settings that shape the weights (its step count) and stops at that loss."""
+    from sparse_lens import pretrained
+
+    record = pretrained.provenance("small")
+    sparse = existing_model("small", tmp_path)
+    assert sparse.path == tmp_path / "small-shipped" and sparse.val_loss == record["val_loss"]
+    assert result_settings(sparse) == {"steps": record["train_config"]["steps"]}
+    assert existing_model(sparse.path, tmp_path).val_loss == sparse.val_loss  # the directory itself
+    dense = dense_spec(sparse)
+    model_cfg, train_cfg = dense.configs(quick=False)
+    assert model_cfg.weight_l0 == 1.0 and train_cfg.steps == record["train_config"]["steps"]
+    assert train_cfg.stop_at_val_loss == float(f"{record['val_loss']:.4f}") and train_cfg.eval_every == 25
+    assert dense.name == f"small-dense-to-{record['val_loss']:.4f}"
+    with pytest.raises(FileNotFoundError, match="shipped checkpoint"):
+        existing_model(tmp_path / "nowhere", tmp_path)

@@ -1,8 +1,10 @@
 """Circuit size, weight-sparse vs dense at matched pretraining loss (the paper's headline: sparse
 circuits are about 16x smaller).
 
-1. Train the weight-sparse model (`small` preset, its default weight L0) and the dense baseline
-   (same shape, weight L0 = 1) for the same steps on the same corpus.
+1. Train the weight-sparse model (`small` preset, its default weight L0), or take one trained
+   before (`--sparse-model`: a packed model directory or a shipped checkpoint's name, e.g. `small`,
+   whose provenance gives its loss and settings), and the dense baseline (same shape, weight
+   L0 = 1) with the same training settings on the same corpus.
 2. Match the losses: a dense model of the same shape gets to the sparse model's final
    validation loss much earlier, so the dense run (same settings) stops at its first evaluation
    at or below that loss (`TrainConfig.stop_at_val_loss`, evaluated every 25 steps). Both
@@ -19,8 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from sparse_lens.analyses.common import (
-    AnalysisResult, ModelSpec, geometric_mean, option, prune_tasks, settings_dict, target_loss_option,
-    tasks_option, train_model, write_outputs,
+    AnalysisResult, ModelSpec, existing_model, geometric_mean, option, prune_tasks, result_settings,
+    settings_dict, target_loss_option, tasks_option, train_model, write_outputs,
 )
 
 NAME = "circuit_size"
@@ -31,19 +33,21 @@ def add_arguments(parser) -> None:
     target_loss_option(parser)
     tasks_option(parser)
     option(parser, "--preset", help="model preset of the sparse and dense models (default small)")
+    option(parser, "--sparse-model", help="use this sparse model instead of training one: a packed "
+           "model directory with a provenance.json, or a shipped checkpoint's name (small)")
 
 
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target_loss: float = 0.15,
-        tasks: list[str] | None = None, preset: str = "small", progress: bool = False) -> AnalysisResult:
+        tasks: list[str] | None = None, preset: str = "small", sparse_model: str | Path | None = None,
+        progress: bool = False) -> AnalysisResult:
     from sparse_lens.tasks import list_tasks
 
     models_dir = Path(models_dir)
     tasks = list(tasks or (QUICK_TASKS if quick else list_tasks()))
-    sparse = train_model(ModelSpec(preset, preset), models_dir, quick, progress)
+    sparse = (existing_model(sparse_model, models_dir) if sparse_model is not None
+              else train_model(ModelSpec(preset, preset), models_dir, quick, progress))
     target_val = float(f"{sparse.val_loss:.4f}")
-    dense = train_model(ModelSpec(f"{preset}-dense-to-{target_val:.4f}", preset, dict(weight_l0=1.0),
-                                  dict(stop_at_val_loss=target_val, eval_every=25)),
-                        models_dir, quick, progress)
+    dense = train_model(dense_spec(sparse), models_dir, quick, progress)
     dense_steps = dense.history[-1]["step"] if dense.history else 0
     planned = dense.spec.configs(quick)[1].steps
     how = (f"trained with the same settings until its validation loss first reached the sparse "
@@ -67,9 +71,20 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
     fig = _plot(wide, both, ratio, target_loss)
     return write_outputs(out_dir, NAME, wide, fig, summary, [sparse, dense],
                          settings_dict(quick=quick, target_loss=target_loss, tasks=tasks,
-                                       preset=preset, dense_steps=dense_steps,
+                                       preset=sparse.spec.preset, sparse_model=str(sparse.path),
+                                       dense_steps=dense_steps,
                                        sparse_val_loss=sparse.val_loss, dense_val_loss=dense.val_loss,
                                        geometric_mean_ratio=ratio))
+
+
+def dense_spec(sparse) -> ModelSpec:
+    """The dense baseline matched to the `TrainedModel` `sparse`: same preset and training
+    settings, weight L0 1, stopped at the first evaluation (every 25 steps) at or below the
+    sparse model's validation loss (to 4 decimals)."""
+    target_val = float(f"{sparse.val_loss:.4f}")
+    return ModelSpec(f"{sparse.spec.preset}-dense-to-{target_val:.4f}", sparse.spec.preset,
+                     dict(weight_l0=1.0), dict(result_settings(sparse), stop_at_val_loss=target_val,
+                                               eval_every=25))
 
 
 def compare_sizes(long: pd.DataFrame, tasks: list[str]) -> tuple[pd.DataFrame, pd.Series, float]:

@@ -72,6 +72,43 @@ def train_model(spec: ModelSpec, models_dir: Path, quick: bool, progress: bool =
                         time.perf_counter() - start)
 
 
+def existing_model(where: str | Path, models_dir: Path) -> TrainedModel:
+    """A sparse model trained elsewhere, as a `TrainedModel`: a model directory with the
+    `provenance.json` of a packed checkpoint (its validation loss, training settings and
+    history), or the name of a checkpoint shipped in the package (`sparse_lens.pretrained`),
+    written as a model directory `models_dir/<name>-shipped` first."""
+    from sparse_lens import pretrained
+    from sparse_lens.checkpoint import PROVENANCE_FILE
+    from sparse_lens.model import SparseHookedTransformer
+
+    path = Path(where)
+    if not path.is_dir() and str(where) in pretrained.available():
+        path = Path(models_dir) / f"{where}-shipped"
+        if not (path / PROVENANCE_FILE).is_file():
+            pretrained.materialise(str(where), path)
+    record_file = path / PROVENANCE_FILE
+    if not record_file.is_file():
+        raise FileNotFoundError(f"{where}: neither a model directory with a {PROVENANCE_FILE} (a packed "
+                                f"checkpoint) nor a shipped checkpoint ({pretrained.available()})")
+    record = json.loads(record_file.read_text())
+    train = {k: tuple(v) if isinstance(v, list) else v for k, v in record["train_config"].items()}
+    model = SparseHookedTransformer.from_pretrained(path)
+    model.eval()
+    spec = ModelSpec(path.name, record.get("preset", "small"), train=train)
+    return TrainedModel(spec, model, path, float(record["val_loss"]), list(record.get("history", [])),
+                        float("nan"))
+
+
+def result_settings(trained: TrainedModel) -> dict[str, Any]:
+    """The fields of `trained`'s training config that set its weights and differ from the
+    defaults (e.g. `steps`): what a matched run must share with it."""
+    from sparse_lens.training import TrainConfig
+
+    own, default = trained.spec.configs(False)[1].to_json_dict(), TrainConfig().to_json_dict()
+    return {k: trained.spec.train[k] for k, v in own.items()
+            if k not in TrainConfig.NON_RESULT_FIELDS + ("stop_at_val_loss",) and v != default[k]}
+
+
 def prune_tasks(trained: TrainedModel, task_names, target_loss: float, quick: bool,
                 progress: bool = False, **prune_overrides) -> pd.DataFrame:
     """Prune every task on one model at `target_loss` (`pipeline.prune_tasks`, unverified); one

@@ -4,7 +4,8 @@ The page inlines the circuitsvis bundle once (in `<head>`) and embeds each view'
 opens offline from that single file: no script, stylesheet or font comes from a network.
 One `<section class="sl-circuit">` per circuit: the task's description, then the circuit graph,
 the tables (summary, verification, faithfulness when it was run, nodes, edges), the attention
-heads and the neurons/channels.
+heads, the neurons/channels and, for a task with a marker token (the quote task, `roles.TASK_MARKERS`),
+the measured roles: which nodes detect the marker, which classify its type, which head carries it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sparse_lens.viz.attention import attention_view
 from sparse_lens.viz.circuitsvis_inline import bundle_script
 from sparse_lens.viz.graph import circuit_graph
 from sparse_lens.viz.neurons import neuron_view
+from sparse_lens.viz.roles import TASK_MARKERS, roles_view
 from sparse_lens.viz.tables import tables_view
 from sparse_lens.viz.view import page
 
@@ -74,6 +76,8 @@ def circuit_section(circuit, section_id: str, corpus_tokens: Int[torch.Tensor, "
         views = [circuit_graph(circuit), tables_view(circuit, verify_n=verify_n),
                  attention_view(circuit, n_prompts=n_prompts),
                  neuron_view(circuit, corpus_tokens=corpus_tokens, n_prompts=n_prompts)]
+        if circuit.task in TASK_MARKERS and circuit.n_nodes:
+            views.append(roles_view(circuit))
         no_circuit = ""
     status = "solved" if circuit.solved else "not solved"
     return (f'<section class="sl-circuit" id="{section_id}" data-task="{html.escape(circuit.task)}">\n'
