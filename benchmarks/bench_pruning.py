@@ -1,7 +1,6 @@
 """Cost and convergence of pruning: time per task, and whether the default budget has converged.
 
-    .venv/bin/python benchmarks/bench_pruning.py --model runs/small \
-        --tasks single_double_quote:0.15 lambda_func:0.3
+    .venv/bin/python benchmarks/bench_pruning.py --model runs/small   # the demo's model and tasks
 
 For each task (and its target task loss, `task:target`), prunes the model twice, with the default
 mask-optimisation budget (`PruneConfig.steps`) and with `--factor` (10) times as many steps, and
@@ -22,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from sparse_lens.demo import DEMO_TARGET_LOSS, DEMO_TASKS
 
 TIME_BAR_S = 60.0
 RATIO_BAR = 1.2
@@ -88,8 +89,8 @@ def print_ratio(runs: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("runs/small"))
-    parser.add_argument("--tasks", nargs="+", default=["single_double_quote:0.15", "lambda_func:0.3"],
-                        help="task:target pairs (a target the full model meets)")
+    parser.add_argument("--tasks", nargs="+", default=[f"{t}:{DEMO_TARGET_LOSS}" for t in DEMO_TASKS],
+                        help="task:target pairs (a target the full model meets; default: the demo's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--factor", type=int, default=10, help="the longer run's step multiple")
     parser.add_argument("--no-long", action="store_true", help="time the default budget only")

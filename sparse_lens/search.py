@@ -43,10 +43,10 @@ class PruneConfig:
     """How to prune. Defaults suit the `small` preset on a 2-core CPU."""
 
     target_loss: float = 0.15  # mean binary CE over the two candidates, nats
-    k_coef: float = 1e-4  # penalty per kept node
+    k_coef: float = 1e-3  # penalty per kept node (1e-4 left circuits 2.5-6x larger, see the README)
     steps: int = 100
     batch_size: int = 32
-    lr: float = 1e-2
+    lr: float = 3e-2
     init_tau: float = 0.1
     grad_clip: float = 1.0
     n_train: int = 512  # task examples to optimise on
