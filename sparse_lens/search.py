@@ -203,7 +203,7 @@ def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneCon
 
 def smallest_passing_prefix(example_losses: ExampleLosses, n_max: int, n_examples: int,
                             target: float, start: int = 0, batch_size: int = 32,
-                            max_chunk: int = 16) -> int | None:
+                            max_chunk: int = 16, first_batch: int = 8) -> int | None:
     """The smallest `n` in [start, n_max] whose circuit meets `target`: mean per-example loss
     over the `n_examples` evaluation examples <= target. Exact whatever the shape of the
     loss-vs-n curve (a bisection assumes it falls monotonically; on a real curve it can stop
@@ -213,18 +213,20 @@ def smallest_passing_prefix(example_losses: ExampleLosses, n_max: int, n_example
     `example_losses(ns, rows)` returns [len(ns), rows] per-example losses of the circuits
     keeping the first `n` nodes, for each n in `ns`, on the evaluation examples `rows` (a
     slice). Losses are >= 0, so a candidate is dropped as soon as its running sum exceeds
-    `target * n_examples`: a clearly failing circuit costs one batch of `batch_size` examples.
-    Returns None if no n passes."""
+    `target * n_examples`. Examples come in batches that grow from `first_batch` to
+    `batch_size` (8, 8, 16, 32, 32, ...): with the examples hardest first (`hardest_first`), a
+    failing circuit is usually dropped within its first 7-21 examples (measured on the quote
+    task), so it costs one or two small batches. Returns None if no n passes."""
     bound = target * n_examples
     chunk = 4
     while start <= n_max:
         ns = list(range(start, min(start + chunk, n_max + 1)))
         sums = torch.zeros(len(ns), dtype=torch.float64)
         alive = list(range(len(ns)))
-        for first in range(0, n_examples, batch_size):
+        for rows in growing_slices(n_examples, first_batch, batch_size):
             if not alive:
                 break
-            losses = example_losses([ns[i] for i in alive], slice(first, first + batch_size))
+            losses = example_losses([ns[i] for i in alive], rows)
             sums[alive] += losses.detach().double().sum(dim=1).cpu()
             alive = [i for i in alive if sums[i] <= bound]
         if alive:
@@ -232,6 +234,18 @@ def smallest_passing_prefix(example_losses: ExampleLosses, n_max: int, n_example
         start += len(ns)
         chunk = min(2 * chunk, max_chunk)
     return None
+
+
+def growing_slices(n: int, first: int, largest: int) -> list[slice]:
+    """Consecutive slices covering `range(n)`: `first` long, then `first` again, then doubling
+    up to `largest` (8, 8, 16, 32, 32, ... for 8 and 32)."""
+    out, start, size = [], 0, min(first, largest)
+    while start < n:
+        out.append(slice(start, min(start + size, n)))
+        start += size
+        if len(out) > 1:
+            size = min(2 * size, largest)
+    return out
 
 
 def _prefix_losses(model, masker, data, order, registry: NodeRegistry,

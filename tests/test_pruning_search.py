@@ -9,6 +9,7 @@ from sparse_lens.hooks import NodeRegistry, masked_nodes
 from sparse_lens.pruning import (
     PruneConfig, _prefix_losses, _search, final_logit_pairs, pair_loss, prune, smallest_passing_prefix,
 )
+from sparse_lens.search import growing_slices
 
 N_EXAMPLES = 10
 
@@ -16,10 +17,15 @@ N_EXAMPLES = 10
 def curve_losses(curve: dict[int, float]):
     """`example_losses` for a made-up curve: every example of prefix n has loss curve[n]; counts
     how many (prefix, example) losses were asked for."""
+    return curve_losses_over(curve, N_EXAMPLES)
+
+
+def curve_losses_over(curve: dict[int, float], n_examples: int):
+    """`curve_losses` for `n_examples` examples."""
     asked = []
 
     def example_losses(ns, rows):
-        width = len(range(N_EXAMPLES)[rows])
+        width = len(range(n_examples)[rows])
         asked.append(len(ns) * width)
         return torch.tensor([[curve[n]] * width for n in ns])
 
@@ -57,9 +63,20 @@ def test_clearly_failing_prefixes_cost_one_batch():
     """Prefixes with loss 0.7 are dropped after the first batch of 4 of the 10 examples."""
     curve = {n: 0.0 if n == 40 else 0.7 for n in range(41)}
     losses, asked = curve_losses(curve)
-    assert smallest_passing_prefix(losses, 40, N_EXAMPLES, 0.15, batch_size=4) == 40
+    assert smallest_passing_prefix(losses, 40, N_EXAMPLES, 0.15, batch_size=4, first_batch=4) == 40
     full_cost = 41 * N_EXAMPLES
     assert sum(asked) < 0.5 * full_cost
+
+
+def test_example_batches_grow_from_small_and_cover_every_example_once():
+    assert growing_slices(100, 8, 32) == [slice(0, 8), slice(8, 16), slice(16, 32), slice(32, 64),
+                                           slice(64, 96), slice(96, 100)]
+    assert growing_slices(5, 8, 32) == [slice(0, 5)] and growing_slices(0, 8, 32) == []
+    # a prefix that a few examples already reject costs the first small batch, not a full one
+    curve = {n: 3.0 if n < 20 else 0.0 for n in range(21)}  # 8 x 3.0 > 0.15 x 128
+    losses, asked = curve_losses_over(curve, 128)
+    assert smallest_passing_prefix(losses, 20, 128, 0.15) == 20
+    assert sum(asked) == 20 * 8 + 128  # 20 rejected after 8 examples each; the answer reads all
 
 
 def test_row_masks_give_each_candidate_its_own_circuit(model, means):
