@@ -63,7 +63,7 @@ class MarkerRoles:
     def of_role(self, role: str) -> list[str]:
         """The labels of the nodes with `role`, strongest first."""
         rows = self.nodes[self.nodes.role == role]
-        key = {"detector": "detector", "answer": "answer"}.get(role, "classifier")
+        key = role if role in ("detector", "classifier", "answer") else "classifier"
         return rows.reindex(rows[key].abs().sort_values(ascending=False).index).label.tolist()
 
     @property
