@@ -36,7 +36,7 @@ from sparse_lens.task_loss import (
 
 #: `(ns, rows) -> [len(ns), len(rows)]` per-example task losses of the circuits keeping n nodes
 #: (`rows`: a slice or 1-D index tensor of evaluation examples)
-ExampleLosses = Callable[[list[int], slice], torch.Tensor]
+ExampleLosses = Callable[[list[int], slice | torch.Tensor], torch.Tensor]
 
 
 @dataclass(kw_only=True)
@@ -44,7 +44,7 @@ class PruneConfig:
     """How to prune. Defaults suit the `small` preset on a 2-core CPU."""
 
     target_loss: float = 0.15  # mean binary CE over the two candidates, nats
-    k_coef: float = 1e-3  # penalty per kept node (1e-4 left circuits 2.5-6x larger, see the README)
+    k_coef: float = 1e-3  # penalty per kept node (1e-4 left circuits 1.8-8.5x larger, see the README)
     steps: int = 100
     batch_size: int = 32
     lr: float = 3e-2
