@@ -133,5 +133,7 @@ def test_the_quote_task_gets_a_roles_view_in_the_report(circuit):
 def test_clear_errors(circuit):
     with pytest.raises(ValueError, match="no marker known"):
         marker_roles(dataclasses.replace(circuit, task="x_or_y"))
+    assert "Roles not measured: marker_roles: no marker known" in roles_view(
+        dataclasses.replace(circuit, task="x_or_y")).body
     with pytest.raises(ValueError, match="not all in"):
         marker_roles(circuit, markers={"'": "'"})

@@ -216,9 +216,13 @@ def _head_table(circuit, tokens, last_pos, marker_pos, labels) -> pd.DataFrame:
 def roles_view(circuit, n_prompts: int = 64, markers: dict[str, str] | None = None,
                max_rows: int = 24) -> View:
     """The measured roles (`marker_roles`) as a view: the summary sentence, the kept heads and the
-    nodes with a role (up to `max_rows` of each, strongest first)."""
+    nodes with a role (up to `max_rows` of each, strongest first). Where the roles cannot be
+    measured (no marker known, prompts without labels or markers) the view says why."""
     title = f"Roles of the circuit nodes ({circuit.task})"
-    roles = marker_roles(circuit, n_prompts, markers)
+    try:
+        roles = marker_roles(circuit, n_prompts, markers)
+    except ValueError as err:  # e.g. hand-made prompts without labels or markers: say so, not fail
+        return View(title, f'<p class="sl-note sl-warn">Roles not measured: {html.escape(str(err))}</p>')
     named = roles.nodes[roles.nodes.role != "other"].copy()
     named["strength"] = named[["detector", "classifier", "answer"]].abs().max(axis=1)
     named = named.sort_values(["role", "strength"], ascending=[True, False]).drop(columns="strength")
