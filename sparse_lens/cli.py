@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sparse_lens.cli_flags import LazyParser, given_fields
 from sparse_lens.cli_parsers import (
-    FAITHFULNESS_PRUNE_FIELDS, add_analyze_flags, add_demo_flags, add_faithfulness_flags, add_import_flags,
+    FAITHFULNESS_PRUNE_FIELDS, MODEL_SHAPE_FIELDS, add_analyze_flags, add_demo_flags, add_faithfulness_flags, add_import_flags,
     add_prune_flags, add_report_flags, add_train_flags,
 )
 
@@ -51,7 +51,7 @@ def _train_command(args: argparse.Namespace, ranks) -> int:
 
     preset = args.preset or "small"
     out = args.out or Path("runs") / f"{preset}{'-dense' if args.dense else ''}"
-    overrides = given_fields(args, SparseHookedTransformerConfig, ["weight_l0"])
+    overrides = given_fields(args, SparseHookedTransformerConfig, MODEL_SHAPE_FIELDS)
     if args.dense:
         overrides["weight_l0"] = 1.0
     tc_fields = given_fields(args, TrainConfig)

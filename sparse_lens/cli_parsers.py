@@ -12,6 +12,12 @@ from sparse_lens.cli_flags import LazyParser, add_config_flags
 ABLATION_CHOICES = ("mean", "zero", "task_mean", "resample")  # sparse_lens.ablation.ABLATION_MODES
 
 
+#: The model fields `train` may override on top of its preset (a new shape: `--d-model 384 --d-mlp 1536`).
+MODEL_SHAPE_FIELDS = ["weight_l0", "n_layers", "d_model", "d_mlp", "d_head", "n_ctx"]
+MODEL_SHAPE_HELP = {"weight_l0": "fraction of nonzeros per matrix (default: the preset's)",
+                    **{f: "the preset's unless given" for f in MODEL_SHAPE_FIELDS[1:]}}
+
+
 def add_train_flags(t: argparse.ArgumentParser) -> None:
     from sparse_lens.config import SparseHookedTransformerConfig
     from sparse_lens.training import TrainConfig
@@ -19,8 +25,7 @@ def add_train_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--preset", default=None, help="model preset: tiny, small, paper (default small)")
     t.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>[-dense])")
     t.add_argument("--dense", action="store_true", help="train the dense baseline (weight_l0 = 1)")
-    add_config_flags(t, SparseHookedTransformerConfig, ["weight_l0"],
-                     help=dict(weight_l0="fraction of nonzeros per matrix (default: the preset's)"))
+    add_config_flags(t, SparseHookedTransformerConfig, MODEL_SHAPE_FIELDS, help=MODEL_SHAPE_HELP)
     add_config_flags(t, TrainConfig, choices=dict(dtype=("float32", "bf16"), anneal_kind=(
         "linear", "exponential"), grad_rms_mode=("rescale", "clip")), help=TRAIN_HELP)
     t.add_argument("--resume", action="store_true",
