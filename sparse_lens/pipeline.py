@@ -17,6 +17,12 @@ circuits are those of the serial run; with the same thread count per process (1 
 they are bitwise equal, with other counts float reductions may differ in the last bits.
 Workers get `torch.get_num_threads() // N` threads each (at least 1) and, on CUDA, GPU
 `j % torch.cuda.device_count()`.
+
+With `reuse=True` a task whose circuit is already saved in `out/<task>/`, pruned from these very
+weights (the fingerprint `Circuit.load` checks) with an equal `PruneConfig` (`progress` aside),
+is read back instead of pruned again: how the analyses share their pruning (circuit-size and
+frontier prune the same models). A change to the search that leaves `PruneConfig` as it was is
+not detected; delete the circuits folder (or leave `reuse` off, the default) to prune afresh.
 """
 
 from __future__ import annotations
@@ -47,14 +53,17 @@ class TaskOutcome:
 
 
 def prune_task(model, task: str, config, means, out: Path | None = None, verify: bool = True,
-               verify_n: int | None = None) -> TaskOutcome:
+               verify_n: int | None = None, reuse: bool = False) -> TaskOutcome:
     """Prune `task`, save the circuit in `out/task` (if `out`), verify it (unless `verify` is
-    False or the full model misses the target: its summary row has no nodes); return its row."""
+    False or the full model misses the target: its summary row has no nodes); return its row.
+    `reuse`: read back the circuit saved there instead, when `saved_circuit` finds it valid."""
     from sparse_lens.pruning import prune
 
-    circuit = prune(model, task, config, means=means)
-    if out is not None:
-        circuit.save(Path(out) / task)
+    circuit = saved_circuit(model, task, config, out) if reuse and out is not None else None
+    if circuit is None:
+        circuit = prune(model, task, config, means=means)
+        if out is not None:
+            circuit.save(Path(out) / task)
     row = circuit.summary()
     lines = [repr(circuit)]
     if verify and row["nodes"] is not None:
@@ -65,9 +74,29 @@ def prune_task(model, task: str, config, means, out: Path | None = None, verify:
     return TaskOutcome(task, row, "\n".join(lines), circuit)
 
 
+def saved_circuit(model, task: str, config, out: str | Path):
+    """The circuit saved in `out/task` if it was pruned from `model`'s exact weights with a
+    `PruneConfig` equal to `config` (`progress` aside); None when there is none, or it differs."""
+    from sparse_lens.circuit import CIRCUIT_FILE, Circuit
+
+    path = Path(out) / task
+    if not (path / CIRCUIT_FILE).is_file():
+        return None
+    try:
+        circuit = Circuit.load(path, model)
+    except ValueError:  # other weights, another format version, an unreadable file
+        return None
+
+    def settings(c) -> dict:
+        return {**dataclasses.asdict(c), "progress": None}
+
+    same = circuit.config is not None and settings(circuit.config) == settings(config)
+    return circuit if same and circuit.task == task else None
+
+
 def prune_tasks(model, tasks: Sequence[str], config=None, *, model_dir: str | Path | None = None,
                 out: str | Path | None = None, verify: bool = True, verify_n: int | None = None,
-                means=None, device: str | None = None, jobs: int = 1,
+                means=None, device: str | None = None, jobs: int = 1, reuse: bool = False,
                 on_done: Callable[[TaskOutcome], None] | None = None) -> pd.DataFrame:
     """Prune `tasks` of `model` (a `SparseHookedTransformer`, or a model directory, loaded on
     `device`) with `config` (a `PruneConfig`; None: the defaults); one summary row per task, in
@@ -76,7 +105,7 @@ def prune_tasks(model, tasks: Sequence[str], config=None, *, model_dir: str | Pa
     `model_dir`, the directory the model came from, computed and saved there if missing).
     `verify_n`: held-out examples per verification (default `Circuit.verify`'s). `on_done(outcome)`
     is called as each task's outcome is known (serially: at once; with `jobs` > 1: in task order,
-    as the workers finish; those outcomes carry no circuit)."""
+    as the workers finish; those outcomes carry no circuit). `reuse`: see the module docstring."""
     from sparse_lens.hooks import node_means_for
     from sparse_lens.model import SparseHookedTransformer
     from sparse_lens.pruning import PruneConfig
@@ -95,7 +124,7 @@ def prune_tasks(model, tasks: Sequence[str], config=None, *, model_dir: str | Pa
     if jobs <= 1:
         outcomes = []
         for task in tasks:
-            outcomes.append(prune_task(model, task, config, means, out, verify, verify_n))
+            outcomes.append(prune_task(model, task, config, means, out, verify, verify_n, reuse))
             if on_done:
                 on_done(outcomes[-1])
     else:
@@ -103,7 +132,7 @@ def prune_tasks(model, tasks: Sequence[str], config=None, *, model_dir: str | Pa
             raise ValueError("prune_tasks with jobs > 1 needs the model directory and `out` "
                              "(each worker loads the model and saves its circuits)")
         del model
-        outcomes = _in_processes(Path(model_dir), tasks, config, out, verify, verify_n, device, jobs)
+        outcomes = _in_processes(Path(model_dir), tasks, config, out, verify, verify_n, device, jobs, reuse)
         for outcome in outcomes if on_done else ():
             on_done(outcome)
     table = pd.DataFrame([o.row for o in outcomes])
@@ -114,7 +143,7 @@ def prune_tasks(model, tasks: Sequence[str], config=None, *, model_dir: str | Pa
 
 
 def _in_processes(model_dir: Path, tasks: list[str], config, out: Path, verify: bool,
-                  verify_n: int | None, device: str | None, jobs: int) -> list[TaskOutcome]:
+                  verify_n: int | None, device: str | None, jobs: int, reuse: bool) -> list[TaskOutcome]:
     """`tasks` shared round-robin among `jobs` spawned processes; outcomes in task order."""
     quiet = dataclasses.replace(config, progress=False)  # N progress bars would interleave
     threads = max(1, torch.get_num_threads() // jobs)
@@ -122,13 +151,13 @@ def _in_processes(model_dir: Path, tasks: list[str], config, out: Path, verify: 
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = [pool.submit(_worker, model_dir, share, quiet, out, verify, verify_n,
-                               _device_for_job(device, j), threads) for j, share in enumerate(shares)]
+                               _device_for_job(device, j), threads, reuse) for j, share in enumerate(shares)]
         by_task = {o.task: o for f in futures for o in f.result()}
     return [by_task[task] for task in tasks]
 
 
 def _worker(model_dir: Path, tasks: list[str], config, out: Path, verify: bool, verify_n: int | None,
-            device: str | None, threads: int) -> list[TaskOutcome]:
+            device: str | None, threads: int, reuse: bool = False) -> list[TaskOutcome]:
     """One process's share: load the model and its saved means once, prune `tasks` in order."""
     from sparse_lens.hooks import node_means_for
     from sparse_lens.model import SparseHookedTransformer
@@ -137,7 +166,7 @@ def _worker(model_dir: Path, tasks: list[str], config, out: Path, verify: bool, 
     model = SparseHookedTransformer.from_pretrained(model_dir, device=device)
     means = node_means_for(model, model_dir, n_tokens=config.mean_tokens,
                            sparse_kernels=config.sparse_kernels)
-    outcomes = [prune_task(model, task, config, means, out, verify, verify_n) for task in tasks]
+    outcomes = [prune_task(model, task, config, means, out, verify, verify_n, reuse) for task in tasks]
     return [dataclasses.replace(o, circuit=None) for o in outcomes]  # the model stays here
 
 

@@ -170,7 +170,7 @@ def test_each_analysis_declares_its_options_and_all_gives_each_its_own(monkeypat
     from sparse_lens.cli import build_parser, main
 
     assert analyses.option_names("dilution") == {"target_loss", "preset", "n_prompts", "max_extra", "k_fit"}
-    assert analyses.option_names("kurtosis") == {"widths", "l0s", "steps", "n_batches"}
+    assert analyses.option_names("kurtosis") == {"widths", "l0s", "steps", "n_batches", "models"}
     args = build_parser().parse_args(["analyze", "dilution", "--n-prompts", "4", "--quick"])
     assert (args.n_prompts, args.quick) == (4, True) and not hasattr(args, "target_loss")
     with pytest.raises(SystemExit):  # kurtosis prunes nothing
@@ -189,6 +189,23 @@ def test_each_analysis_declares_its_options_and_all_gives_each_its_own(monkeypat
                      "frontier": dict(progress=False, target_loss=2.0, widths=[32]),
                      "dilution": dict(progress=False, target_loss=2.0)}  # no --runs: no learning curves
     assert "dilution done" in capsys.readouterr().out
+
+
+def test_kurtosis_takes_models_trained_elsewhere_with_their_last_validation_loss(outputs, tmp_path):
+    """`--models RUN_DIR ...`: the given training runs instead of the sweep, each with the
+    validation loss of its last evaluation; nothing is trained."""
+    _, models = outputs
+    runs = sorted(p for p in models.iterdir() if p.name.startswith("sweep-"))[:2]
+    before = sorted(p.name for p in models.iterdir())
+    result = analyses.run("kurtosis", tmp_path, tmp_path / "unused", quick=True, models=[str(r) for r in runs])
+    assert sorted(result.table.model.unique()) == [r.name for r in runs]
+    for run in runs:
+        state = json.loads((run / "training" / "state.json").read_text())
+        last = [h["val_loss"] for h in state["history"] if h.get("val_loss") is not None][-1]
+        assert (result.table[result.table.model == run.name].val_loss == last).all()
+    meta = json.loads((result.folder / "meta.json").read_text())
+    assert meta["settings"]["models"] == [str(r) for r in runs]
+    assert sorted(p.name for p in models.iterdir()) == before and not (tmp_path / "unused").exists()
 
 
 # ------------------------------------------------------------------- the pieces, on known inputs

@@ -51,3 +51,32 @@ def test_without_out_nothing_is_written_and_parallel_needs_a_directory(tiny, tmp
     assert len(table) == 1 and list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="needs the model directory"):
         prune_tasks(model, ["with_as", "for_while"], PruneConfig(**CHEAP), means=means, jobs=2)
+
+
+def test_reuse_reads_back_a_circuit_of_the_same_weights_and_settings_only(tiny, tmp_path, monkeypatch):
+    """`reuse=True`: a circuit saved for these weights and an equal PruneConfig (progress aside) is
+    read back, not pruned again; other settings or other weights are pruned afresh."""
+    import torch
+
+    from sparse_lens import pruning
+
+    path, model, means = tiny
+    config = PruneConfig(target_loss=5, **CHEAP)
+    first = prune_tasks(model, ["with_as"], config, out=tmp_path, means=means, verify=False)
+    calls = []
+    real_prune = pruning.prune
+    monkeypatch.setattr(pruning, "prune", lambda *a, **k: calls.append(a[1]) or real_prune(*a, **k))
+    again = prune_tasks(model, ["with_as"], PruneConfig(target_loss=5, **{**CHEAP, "progress": True}),
+                        out=tmp_path, means=means, verify=False, reuse=True)
+    assert calls == []
+    pd.testing.assert_frame_equal(again, first)
+    prune_tasks(model, ["with_as"], PruneConfig(target_loss=5, **{**CHEAP, "seed": 1}),
+                out=tmp_path, means=means, verify=False, reuse=True)
+    assert calls == ["with_as"]  # another seed: pruned again (and saved over the old one)
+    other = type(model)(model.cfg, tokenizer=model.tokenizer)
+    with torch.no_grad():
+        other.load_state_dict(model.state_dict())
+        other.unembed.W_U.mul_(2.0)
+    prune_tasks(other, ["with_as"], PruneConfig(target_loss=5, **{**CHEAP, "seed": 1}),
+                out=tmp_path, means=means, verify=False, reuse=True)
+    assert calls == ["with_as", "with_as"]  # other weights: pruned again

@@ -73,30 +73,50 @@ def train_model(spec: ModelSpec, models_dir: Path, quick: bool, progress: bool =
 
 
 def existing_model(where: str | Path, models_dir: Path) -> TrainedModel:
-    """A sparse model trained elsewhere, as a `TrainedModel`: a model directory with the
+    """A model trained elsewhere, as a `TrainedModel`: a model directory with the
     `provenance.json` of a packed checkpoint (its validation loss, training settings and
-    history), or the name of a checkpoint shipped in the package (`sparse_lens.pretrained`),
-    written as a model directory `models_dir/<name>-shipped` first."""
-    from sparse_lens import pretrained
+    history), a training run's directory (`sparse-lens train --out DIR`: the same from its
+    `training/state.json`; the loss is its last evaluation's), or the name of a checkpoint shipped
+    in the package (`sparse_lens.pretrained`), written as a model directory
+    `models_dir/<name>-shipped` first."""
+    from sparse_lens import checkpoint, pretrained
     from sparse_lens.checkpoint import PROVENANCE_FILE
     from sparse_lens.model import SparseHookedTransformer
+    from sparse_lens.training.rundir import TRAINING_DIR
 
     path = Path(where)
     if not path.is_dir() and str(where) in pretrained.available():
         path = Path(models_dir) / f"{where}-shipped"
         if not (path / PROVENANCE_FILE).is_file():
             pretrained.materialise(str(where), path)
-    record_file = path / PROVENANCE_FILE
-    if not record_file.is_file():
+    record_file, state_file = path / PROVENANCE_FILE, path / TRAINING_DIR / "state.json"
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        val_loss = float(record["val_loss"])
+    elif state_file.is_file():
+        record = checkpoint.read_json(state_file)
+        evaluated = [h["val_loss"] for h in record.get("history", []) if h.get("val_loss") is not None]
+        if not evaluated:
+            raise ValueError(f"{where}: the training run has no evaluation yet (no validation loss)")
+        val_loss = float(evaluated[-1])
+    else:
         raise FileNotFoundError(f"{where}: neither a model directory with a {PROVENANCE_FILE} (a packed "
-                                f"checkpoint) nor a shipped checkpoint ({pretrained.available()})")
-    record = json.loads(record_file.read_text())
+                                f"checkpoint), nor a training run's directory (with {TRAINING_DIR}/"
+                                f"state.json), nor a shipped checkpoint ({pretrained.available()})")
     train = {k: tuple(v) if isinstance(v, list) else v for k, v in record["train_config"].items()}
     model = SparseHookedTransformer.from_pretrained(path)
     model.eval()
     spec = ModelSpec(path.name, record.get("preset", "small"), train=train)
-    return TrainedModel(spec, model, path, float(record["val_loss"]), list(record.get("history", [])),
-                        float("nan"))
+    return TrainedModel(spec, model, path, val_loss, list(record.get("history", [])), float("nan"))
+
+
+def sweep_or_existing(models, quick: bool, widths, l0s, steps, models_dir: Path,
+                      progress: bool) -> list[TrainedModel]:
+    """The models of the width x L0 sweep (trained, or reused from `models_dir`), or, when
+    `models` names some (`existing_model`: directories or shipped names), those instead."""
+    if models:
+        return [existing_model(m, Path(models_dir)) for m in models]
+    return [train_model(s, Path(models_dir), quick, progress) for s in sweep_specs(quick, widths, l0s, steps)]
 
 
 def result_settings(trained: TrainedModel) -> dict[str, Any]:
@@ -113,14 +133,15 @@ def prune_tasks(trained: TrainedModel, task_names, target_loss: float, quick: bo
                 progress: bool = False, **prune_overrides) -> pd.DataFrame:
     """Prune every task on one model at `target_loss` (`pipeline.prune_tasks`, unverified); one
     row per task (`Circuit.summary()` after the model's name and validation loss). Circuits are
-    saved in `circuits_dir(trained, target_loss)`."""
+    saved in `circuits_dir(trained, target_loss)`, and one saved there before for the same weights
+    and settings is reused (`pipeline.prune_tasks(reuse=True)`: analyses share their pruning)."""
     from sparse_lens.pipeline import prune_tasks as prune_all
     from sparse_lens.pruning import PruneConfig
 
     overrides = {**(QUICK_PRUNE if quick else {}), **prune_overrides}
     config = PruneConfig(target_loss=target_loss, progress=progress, **overrides)
     table = prune_all(trained.model, task_names, config, model_dir=trained.path,
-                      out=circuits_dir(trained, target_loss), verify=False)
+                      out=circuits_dir(trained, target_loss), verify=False, reuse=True)
     table.insert(0, "model", trained.spec.name)
     table.insert(1, "val_loss", trained.val_loss)
     return table
@@ -228,6 +249,8 @@ def sweep_options(parser: argparse.ArgumentParser) -> None:
     option(parser, "--widths", nargs="+", type=int, help=f"d_model of the sweep (default {SWEEP_WIDTHS})")
     option(parser, "--l0s", nargs="+", type=float, help="weight L0s of the sweep (default 1, 1/4, 1/16)")
     option(parser, "--steps", type=int, help=f"training steps of each sweep model (default {SWEEP_STEPS})")
+    option(parser, "--models", nargs="+", help="models trained elsewhere instead of the sweep: model "
+           "directories (packed, or a training run's --out) or shipped checkpoint names (small)")
 
 
 def table_markdown(table: pd.DataFrame, floatfmt: str = ".4g") -> str:

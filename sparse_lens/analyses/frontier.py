@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from sparse_lens.analyses.common import (
-    AnalysisResult, prune_tasks, settings_dict, sweep_options, sweep_specs, target_loss_option,
-    tasks_option, train_model, write_outputs,
+    AnalysisResult, prune_tasks, settings_dict, sweep_options, sweep_or_existing,
+    target_loss_option, tasks_option, write_outputs,
 )
 
 NAME = "frontier"
@@ -45,10 +45,9 @@ def add_arguments(parser) -> None:
 
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target_loss: float = 0.15,
         tasks: list[str] | None = None, widths=None, l0s=None, steps: int | None = None,
-        progress: bool = False) -> AnalysisResult:
+        models=None, progress: bool = False) -> AnalysisResult:
     tasks = list(tasks or (QUICK_TASKS if quick else DEFAULT_TASKS))
-    specs = sweep_specs(quick, widths, l0s, steps)
-    trained = [train_model(s, Path(models_dir), quick, progress) for s in specs]
+    trained = sweep_or_existing(models, quick, widths, l0s, steps, Path(models_dir), progress)
     per_task = pd.concat([prune_tasks(t, tasks, target_loss, quick, progress) for t in trained],
                          ignore_index=True)
     rows = []
@@ -64,14 +63,14 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
     table["on_frontier"] = pareto_front(table.val_loss, table.mean_edges)
     front = table[table.on_frontier].sort_values("val_loss")
     summary = (
-        f"{len(table)} models (widths x weight L0), {len(tasks)} task(s) "
+        f"{len(table)} models ({'given' if models else 'widths x weight L0'}), {len(tasks)} task(s) "
         f"({', '.join(tasks)}) pruned at target loss {target_loss}. "
         f"{int(table.tasks_solved.gt(0).sum())} model(s) solve at least one task. Frontier: "
         + (", ".join(f"{r.model} (loss {r.val_loss:.3f}, {r.mean_edges:.0f} edges)" for r in front.itertuples())
            or "empty (no model solves a task at this target)") + "."
     )
     return write_outputs(out_dir, NAME, table, _plot(table, target_loss), summary, trained,
-                         settings_dict(quick=quick, target_loss=target_loss, tasks=tasks),
+                         settings_dict(quick=quick, models=models, target_loss=target_loss, tasks=tasks),
                          more_tables={f"{NAME}_per_task.csv": per_task})
 
 

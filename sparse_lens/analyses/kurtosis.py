@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 
 from sparse_lens.analyses.common import (
-    AnalysisResult, option, settings_dict, sweep_options, sweep_specs, train_model, write_outputs,
+    AnalysisResult, option, settings_dict, sweep_options, sweep_or_existing, write_outputs,
 )
 
 NAME = "kurtosis"
@@ -52,11 +52,11 @@ def add_arguments(parser) -> None:
 
 
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, widths=None, l0s=None,
-        steps: int | None = None, n_batches: int | None = None, progress: bool = False) -> AnalysisResult:
+        steps: int | None = None, n_batches: int | None = None, models=None,
+        progress: bool = False) -> AnalysisResult:
     from sparse_lens import data
 
-    specs = sweep_specs(quick, widths, l0s, steps)
-    trained = [train_model(s, Path(models_dir), quick, progress) for s in specs]
+    trained = sweep_or_existing(models, quick, widths, l0s, steps, Path(models_dir), progress)
     tokenizer = trained[0].model.tokenizer
     corpus = data.load_corpus(None, tokenizer, max_files=20 if quick else None,
                               cache_dir=data.default_cache_dir())
@@ -80,7 +80,7 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, widths
         + f"\n\n{trend}"
     )
     return write_outputs(out_dir, NAME, table, _plot(table), summary, trained,
-                         settings_dict(quick=quick, widths=sorted(final.d_model.unique().tolist()),
+                         settings_dict(quick=quick, models=models, widths=sorted(final.d_model.unique().tolist()),
                                        l0s=sorted(final.weight_l0.unique().tolist()),
                                        n_tokens=sum(b.numel() for b in batches)))
 
