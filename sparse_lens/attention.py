@@ -23,7 +23,10 @@ its outputs and gradients were bitwise equal across repeated runs and across 1 a
 (torch 2.13, `tests/test_attention.py` checks repeats).
 
 Results equal TransformerLens's attention to float tolerance (the kernel sums in another order):
-`tests/test_attention.py`.
+`tests/test_attention.py`. The CPU kernel silently computes garbage from inputs whose last
+(d_head) axis is not contiguous (torch 2.13: a q laid out [d_head, ...]-major gave logits off by
+~1), so such inputs are copied first: CSR products (`sparse_kernels`) return that layout, and a
+hook on `hook_q`/`hook_k`/`hook_v` may.
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ def causal_attention(
     """z of causal attention: `softmax(scale * q.k)` over the keys at or before each query (plus
     each head's sink logit in the denominator, if given) applied to v. Inputs in
     TransformerLens's layout; check `supports` first."""
-    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
+    # [batch, head, pos, d_head], each d_head vector contiguous (what the CPU kernel assumes)
+    q_, k_, v_ = (t.transpose(1, 2) if t.stride(-1) == 1 else t.transpose(1, 2).contiguous()
+                  for t in (q, k, v))
     if sinks is None:
         z = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale)
     else:

@@ -90,9 +90,7 @@ class SparseAttention(Attention):
                  and not cfg.use_attn_result and not cfg.load_in_4bit and cfg.clip_qkv is None
                  and not (cfg.attn_scores_soft_cap is not None and cfg.attn_scores_soft_cap > 0)
                  and not (cfg.use_logn_attn and not self.training))
-        # weights run as CSR (`sparse_kernels.sparse_matmuls`) are tensor subclasses: the fused
-        # kernel then disagreed with the dense path by up to 1e-3, TransformerLens's by 6e-8
-        return (plain and fast_kernels_enabled() and isinstance(self.W_Q, nn.Parameter)
+        return (plain and fast_kernels_enabled()
                 and not _observed(self.hook_attn_scores) and not _observed(self.hook_pattern)
                 and attention.supports(x.device, x.dtype, cfg.use_attention_sinks))
 

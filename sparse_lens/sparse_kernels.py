@@ -164,7 +164,7 @@ def _apply(x: Float[torch.Tensor, "... d_in"], weight: CSRWeight, transposed: bo
     a = weight.csr(transposed)
     with torch._C.DisableTorchFunctionSubclass():
         flat = x.reshape(-1, x.shape[-1])
-        out = _CSRMatmul.apply(flat.t(), a, lambda: weight.csr(not transposed)).t()
+        out = _CSRMatmul.apply(flat.t(), a, lambda: weight.csr(not transposed)).t().contiguous()
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out if bias is None else out + bias
 

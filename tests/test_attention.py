@@ -96,6 +96,28 @@ def test_a_hook_on_the_scores_or_the_pattern_runs_and_edits_the_forward():
     torch.testing.assert_close(model(tokens), clean)
 
 
+@pytest.mark.parametrize("sinks", [True, False])
+def test_q_k_v_in_any_memory_layout_give_the_same_attention(sinks):
+    """A hook may hand back q, k or v with the same values in another memory layout (a CSR product
+    returns d_head-major ones): the fused path gives the plain layout's logits and gradients."""
+    model = make(sinks)
+    tokens = torch.randint(0, 2048, (3, 40), generator=torch.Generator().manual_seed(0))
+    logits = model(tokens)
+    loss, grads = loss_and_grads(model, tokens)
+
+    def other_layout(act, hook):  # [batch, pos, head, d_head] stored d_head-major
+        return act.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
+
+    hooks = [(f"blocks.{i}.attn.hook_{x}", other_layout) for i in range(2) for x in "qkv"]
+    with model.hooks(fwd_hooks=hooks):
+        assert model.blocks[0].attn.pattern_is_unobserved(torch.zeros(1))
+        torch.testing.assert_close(model(tokens), logits, rtol=0, atol=1e-5)
+        moved_loss, moved_grads = loss_and_grads(model, tokens)
+    torch.testing.assert_close(moved_loss, loss, rtol=0, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(moved_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_hooks_before_and_after_the_core_fire_on_the_fused_path():
     model = make(True)
     tokens = torch.randint(0, 2048, (1, 10))
