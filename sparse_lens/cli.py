@@ -64,6 +64,7 @@ def _train_command(args: argparse.Namespace, ranks) -> int:
         model_cfg = SparseHookedTransformerConfig.preset(preset, **overrides)
         tc = TrainConfig(**tc_fields)
     kind = "dense baseline" if not model_cfg.is_weight_sparse else f"weight L0 {model_cfg.weight_l0:.4g}"
+    kind = ", ".join([f"{f} {getattr(model_cfg, f)}" for f in MODEL_SHAPE_FIELDS[1:] if f in overrides] + [kind])
     say = print if ranks.is_main else (lambda *a, **k: None)
     if not ranks.is_main:
         logging.getLogger("sparse_lens").setLevel(logging.WARNING)

@@ -102,6 +102,27 @@ def test_demo_trains_prunes_reports_and_then_reuses_the_run(tmp_path, capsys):
     assert (out / "node_means.safetensors").is_file()
 
 
+def test_train_shape_flags_override_the_preset_and_are_announced(tmp_path, capsys, monkeypatch):
+    """`--d-model 384 --d-mlp 1536 --weight-l0 ...` on top of a preset: the model config trained
+    is the preset's with those fields (n_heads follows d_model / d_head)."""
+    import sparse_lens.training as training
+
+    seen = {}
+
+    def fake_train(model_cfg, tc, out, **kwargs):
+        seen.update(model_cfg=model_cfg, tc=tc)
+        raise training.TrainingInterrupted("stop here", 0)
+
+    monkeypatch.setattr(training, "train", fake_train)
+    code = cli.main(["train", "--preset", "small", "--d-model", "384", "--d-mlp", "1536", "--n-layers", "2",
+                     "--weight-l0", "0.03125", "--steps", "3", "--out", str(tmp_path / "run"), "--no-progress"])
+    cfg = seen["model_cfg"]
+    assert (cfg.d_model, cfg.d_mlp, cfg.n_layers, cfg.n_heads, cfg.weight_l0) == (384, 1536, 2, 24, 0.03125)
+    assert (cfg.d_head, cfg.n_ctx) == (16, 128) and seen["tc"].steps == 3  # the preset's otherwise
+    assert "n_layers 2, d_model 384, d_mlp 1536, weight L0 0.03125" in capsys.readouterr().out
+    assert code != 0
+
+
 @pytest.mark.slow
 def test_train_refuses_to_replace_a_run_and_resume_alone_continues_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SPARSE_LENS_CACHE", str(tmp_path / "cache"))
