@@ -299,6 +299,32 @@ def test_learning_curves_evaluate_every_snapshot(tmp_path):
     assert per.solved.le(per.tasks).all()
 
 
+def test_learning_curves_reuse_saved_snapshot_evaluations_and_carry_earlier_runs(tmp_path, monkeypatch):
+    """A second run reads each snapshot's saved evaluation (nothing is evaluated again) unless the
+    settings differ; `previous` keeps an earlier table's rows of runs that are not given."""
+    from sparse_lens import tasks as task_module
+
+    first = analyses.run("learning-curves", tmp_path / "out", tmp_path / "models", quick=True)
+    run_dir = tmp_path / "models" / "tiny-snapshots"
+    calls = []
+    real = task_module.evaluate_levels
+    monkeypatch.setattr(task_module, "evaluate_levels", lambda *a, **k: calls.append(k["n"]) or real(*a, **k))
+    again = analyses.run("learning-curves", tmp_path / "again", tmp_path / "models", runs=[run_dir],
+                         tasks=list(analyses.module("learning-curves").QUICK_TASKS), n=16)
+    assert calls == []
+    pd.testing.assert_frame_equal(again.table, first.table)
+    other_n = analyses.run("learning-curves", tmp_path / "n8", tmp_path / "models", runs=[run_dir],
+                           tasks=["single_double_quote"], n=8)
+    assert calls == [8, 8]  # two snapshots, new settings
+    earlier = first.table.assign(run="gone-run")
+    earlier.to_csv(tmp_path / "earlier.csv", index=False)
+    merged = analyses.run("learning-curves", tmp_path / "merged", tmp_path / "models", runs=[run_dir],
+                          tasks=["single_double_quote"], n=8, previous=tmp_path / "earlier.csv")
+    assert set(merged.table.run) == {"gone-run", "tiny-snapshots"}
+    assert len(merged.table) == len(earlier) + len(other_n.table)
+    assert "`gone-run`" in merged.summary
+
+
 def test_the_shipped_model_as_the_sparse_side_gets_a_dense_baseline_with_its_settings(tmp_path):
     """`--sparse-model small`: the shipped checkpoint, written as a model directory once, with the
     validation loss and training settings of its provenance; the dense baseline shares the

@@ -12,6 +12,12 @@ every snapshot of every run it is given with `sparse_lens.tasks.evaluate_levels`
 
     sparse-lens analyze learning-curves --runs runs/small-8k runs/wide --out results
 
+Each snapshot's evaluation is kept beside it (`task_levels.csv`, with the settings it was made
+with in `task_levels.json`) and read back by a later run with the same tasks, levels and n, so a
+run still training can be evaluated as its snapshots appear and only new ones cost time (delete
+the file to evaluate afresh, e.g. after changing a task generator). `--previous TABLE` carries the
+rows of runs that are not given (their directories gone) from an earlier `learning_curves.csv`.
+
 Tokens are `step x batch_size x seq_len` of the run's saved `TrainConfig`. Snapshots of one run
 share its schedules (L0 anneal, LR decay), so an early snapshot is a model mid-schedule, not one
 trained to completion on fewer tokens; the `l0` column says where the anneal stood.
@@ -57,8 +63,11 @@ def run_curve(run_dir: str | Path, tasks: Sequence[str] | None = None,
     val_at = _validation_losses(Path(run_dir))
     tables = []
     for step, path in snapshots(run_dir):
-        model = SparseHookedTransformer.from_pretrained(path)
-        table = evaluate_levels(model, tasks, levels=levels, n=n, bigram=False)
+        table = _cached_evaluation(path, tasks, levels, n)
+        if table is None:
+            model = SparseHookedTransformer.from_pretrained(path)
+            table = evaluate_levels(model, tasks, levels=levels, n=n, bigram=False)
+            _save_evaluation(path, table, tasks, levels, n)
         l0 = sparsity.l0_at_step(step - 1, tc.steps, model_cfg.weight_l0, tc.dense_frac,
                                  tc.anneal_end_frac, tc.anneal_kind)
         table.insert(0, "run", Path(run_dir).name)
@@ -68,6 +77,31 @@ def run_curve(run_dir: str | Path, tasks: Sequence[str] | None = None,
         table.insert(4, "val_loss", val_at.get(step, float("nan")))
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
+
+
+CACHE_TABLE, CACHE_SETTINGS = "task_levels.csv", "task_levels.json"
+
+
+def _cache_key(tasks, levels, n: int) -> dict:
+    return dict(tasks=list(tasks) if tasks else "all", levels=list(levels), n=n, bigram=False)
+
+
+def _cached_evaluation(snapshot: Path, tasks, levels, n: int) -> pd.DataFrame | None:
+    """The evaluation saved beside `snapshot` with these settings, else None."""
+    import json
+
+    try:
+        same = json.loads((snapshot / CACHE_SETTINGS).read_text()) == _cache_key(tasks, levels, n)
+        return pd.read_csv(snapshot / CACHE_TABLE) if same else None
+    except (OSError, ValueError):
+        return None
+
+
+def _save_evaluation(snapshot: Path, table: pd.DataFrame, tasks, levels, n: int) -> None:
+    import json
+
+    table.to_csv(snapshot / CACHE_TABLE, index=False)
+    (snapshot / CACHE_SETTINGS).write_text(json.dumps(_cache_key(tasks, levels, n)))
 
 
 def _validation_losses(run_dir: Path) -> dict[int, float]:
@@ -92,19 +126,26 @@ def add_arguments(parser) -> None:
            help="learning-curves: run directories trained with --snapshot-every")
     tasks_option(parser)
     option(parser, "--n", type=int, help="learning-curves: examples per task and level (default 128)")
+    option(parser, "--previous", type=Path, help="learning-curves: an earlier learning_curves.csv "
+           "whose rows of runs not given are kept (runs whose directories are gone)")
 
 
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
         runs: Sequence[str | Path] | None = None, tasks: Sequence[str] | None = None,
-        n: int | None = None, progress: bool = False) -> AnalysisResult:
+        n: int | None = None, previous: str | Path | None = None, progress: bool = False) -> AnalysisResult:
     """Evaluate the snapshots of `runs` (model run directories); `quick` trains a tiny run with
-    snapshots into `models_dir` first and evaluates two tasks on a few examples."""
+    snapshots into `models_dir` first and evaluates two tasks on a few examples. `previous`: an
+    earlier `learning_curves.csv`, whose rows of other runs are kept."""
     if quick:
         runs = [_quick_run(Path(models_dir), progress)]
         tasks, n = tasks or QUICK_TASKS, n or 16
     if not runs:
         raise ValueError("learning-curves needs --runs: run directories trained with --snapshot-every")
     table = pd.concat([run_curve(r, tasks, n=n or 128) for r in runs], ignore_index=True)
+    if previous is not None:
+        earlier = pd.read_csv(previous)
+        earlier = earlier[~earlier.run.isin(set(table.run))]
+        table = pd.concat([earlier[table.columns], table], ignore_index=True)
     summary_table = per_snapshot(table)
     last = summary_table.sort_values("step").groupby(["run", "level"]).tail(1)
     lines = [f"- `{r.run}` at step {r.step} ({r.tokens:,} tokens, validation loss {r.val_loss:.4f}): "
@@ -115,6 +156,7 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
                "files). Last snapshot of each run:\n\n" + "\n".join(lines))
     return write_outputs(out_dir, NAME, table, _plot(summary_table), summary, [],
                          settings_dict(quick=quick, runs=[str(r) for r in runs],
+                                       previous=str(previous) if previous is not None else None,
                                        tasks=list(tasks) if tasks else "all", n=n or 128),
                          more_tables={"per_snapshot.csv": summary_table})
 
