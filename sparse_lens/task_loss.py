@@ -66,8 +66,9 @@ class Calibration:
     bias: dict[int, float]
 
     def apply_pairs(self, pairs: torch.Tensor, data) -> torch.Tensor:
-        b = self._bias_vector(pairs.device)
-        return pairs * self.scale + torch.stack([b[data.correct], b[data.contrast]], dim=1)
+        tokens = torch.stack([data.correct, data.contrast], dim=1)
+        b = self._bias_vector(int(tokens.max()) + 1 if tokens.numel() else 0, pairs.device)
+        return pairs * self.scale + b[tokens.to(b.device)]
 
     def apply_logits(self, logits: torch.Tensor) -> torch.Tensor:
         out = logits * self.scale
@@ -75,8 +76,10 @@ class Calibration:
             out[..., token] += value
         return out
 
-    def _bias_vector(self, device) -> torch.Tensor:
-        size = max(self.bias, default=0) + 1
+    def _bias_vector(self, at_least: int, device) -> torch.Tensor:
+        """The bias of every token id up to the largest biased one or `at_least - 1` (0 where
+        none was fitted: a candidate the calibration never saw gets no bias)."""
+        size = max(max(self.bias, default=-1) + 1, at_least)
         b = torch.zeros(size, device=device)
         for token, value in self.bias.items():
             b[token] = value

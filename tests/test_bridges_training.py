@@ -97,6 +97,13 @@ def test_resuming_a_bridged_run_with_other_settings_or_nothing_to_resume_is_refu
     with pytest.raises(ValueError, match="nothing to resume"):
         B.train_bridged(dense, sparse_cfg, config(), tmp_path / "empty", corpus=corpus,
                         progress=False, resume=True)
+    weights = (tmp_path / "r" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds a model"):  # a new run does not replace it
+        B.train_bridged(dense, sparse_cfg, config(steps=2), tmp_path / "r", corpus=corpus, progress=False)
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == weights
+    B.train_bridged(dense, sparse_cfg, config(steps=2), tmp_path / "r", corpus=corpus, progress=False,
+                    overwrite=True)
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() != weights
 
 
 def test_training_leaves_the_global_rng_state_alone(dense, corpus, tmp_path):

@@ -7,6 +7,8 @@ on it (W_in[3, 5]), and writes channel 7 (W_out[5, 7]) which the unembedding tur
 logit(A) - logit(B). Everything else is small noise that does not touch that path.
 """
 
+import types
+
 import pytest
 import torch
 
@@ -216,6 +218,18 @@ def test_calibration_removes_a_logit_bias_on_one_candidate():
     assert pair_accuracy(fixed) == 1.0 and pair_loss(fixed) < 0.05 < pair_loss(pairs)
     # right on both classes iff -5 scale < bias[A] - bias[B] < -scale (the +3 on A undone)
     assert -5 * calibration.scale < calibration.bias[A] - calibration.bias[B] < -calibration.scale
+
+
+def test_a_calibration_applies_to_candidates_it_never_saw_with_no_bias():
+    """Candidate tokens above every biased id (other prompts than those it was fitted on) get no
+    bias instead of an index error; biased ones get theirs."""
+    from sparse_lens.task_loss import Calibration
+
+    calibration = Calibration(2.0, {3: 0.5, 5: -1.0})
+    data = types.SimpleNamespace(correct=torch.tensor([3, 900]), contrast=torch.tensor([5, 901]))
+    pairs = torch.tensor([[1.0, 2.0], [0.5, -0.5]])
+    out = calibration.apply_pairs(pairs, data)
+    torch.testing.assert_close(out, torch.tensor([[2.5, 3.0], [1.0, -1.0]]))
 
 
 def test_a_circuit_is_verified_on_the_level_it_was_pruned_at(tokenizer, tmp_path):

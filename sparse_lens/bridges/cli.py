@@ -48,6 +48,10 @@ def _add_train_parser(bsub) -> None:
     t.add_argument("--eval-every", type=int, default=None)
     t.add_argument("--checkpoint-every", type=int, default=None)
     t.add_argument("--device", default=None)
+    t.add_argument("--resume", action="store_true",
+                   help="continue the bridged run in --out with its saved settings")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a new run even if --out already holds a model (replaces it)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_bridges_train)
 
@@ -98,6 +102,10 @@ def cmd_bridges_train(args: argparse.Namespace) -> int:
 
     device = args.device or "cpu"
     dense = SparseHookedTransformer.from_pretrained(args.dense, device=device)
+    if args.resume:  # the saved sparse model, bridges and settings
+        print(f"resuming the bridged run in {args.out}")
+        return _report_bridged(train_bridged(dense, None, None, args.out, progress=not args.no_progress,
+                                             dense_ref=str(args.dense), resume=True))
     tc_fields = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      seed=args.seed, device=device, max_files=args.max_files,
                      eval_every=args.eval_every, checkpoint_every=args.checkpoint_every)
@@ -121,8 +129,11 @@ def cmd_bridges_train(args: argparse.Namespace) -> int:
                                encoder_topk_frac=topk)
     print(f"training a bridged sparse model against {args.dense} for {config.train.steps} steps "
           f"({'all' if args.hybrid_sites is None else args.hybrid_sites} sites' hybrid passes per step)")
-    result = train_bridged(dense, sparse, config, args.out, progress=not args.no_progress,
-                           dense_ref=str(args.dense))
+    return _report_bridged(train_bridged(dense, sparse, config, args.out, progress=not args.no_progress,
+                                         dense_ref=str(args.dense), overwrite=args.overwrite))
+
+
+def _report_bridged(result) -> int:
     last = result.history[-1]
     print(f"saved to {result.out_dir} ({result.seconds:.0f} s)")
     print(f"validation: sparse CE {last['val_ce']:.4f}, KL(dense||sparse) {last['val_kl']:.4f}, "

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from sparse_lens import data, sparsity
+from sparse_lens import checkpoint, data, sparsity
 from sparse_lens.bridges import saving
 from sparse_lens.bridges.hybrid import hybrid_kl_table, mean_kl
 from sparse_lens.bridges.losses import LOSS_TERMS, bridge_losses, total_loss
@@ -115,6 +115,7 @@ def train_bridged(
     progress: bool = True,
     dense_ref: str | None = None,
     resume: bool | str = False,
+    overwrite: bool = False,
 ) -> BridgeTrainResult:
     """Train a sparse model and its bridges against the frozen `dense` model; save them in
     `out_dir` (see the module docstring). `sparse`: a config (a fresh model, seeded by
@@ -126,11 +127,16 @@ def train_bridged(
     bitwise the weights an uninterrupted run ends with; `sparse` and `config` may then be None,
     given ones must match the checkpoint's, and `dense` must be the model the bridges were
     trained against); "auto" continues one if there is one, else starts one. Ctrl-C writes a
-    checkpoint and raises `TrainingInterrupted`. The global torch RNG is left as it was."""
+    checkpoint and raises `TrainingInterrupted`. The global torch RNG is left as it was. A new run
+    refuses a directory that already holds a model unless `overwrite=True` (as `train` does)."""
     out_dir = Path(out_dir)
     if resume not in (False, True, "auto"):
         raise ValueError(f"resume must be False, True or 'auto'; got {resume!r}")
     resuming = resume is True or (resume == "auto" and saving.has_checkpoint(out_dir))
+    if not resuming and not overwrite and ((out_dir / checkpoint.CONFIG_FILE).exists()
+                                           or (out_dir / saving.BRIDGES_DIR).exists()):
+        raise ValueError(f"{out_dir} already holds a model: pass overwrite=True (--overwrite) to "
+                         "replace it, or resume=True (--resume) to continue its run")
     if resuming and config is None and saving.has_checkpoint(out_dir):
         config = BridgeTrainConfig.from_json_dict(saving.training_state(out_dir)["config"])
     config = config or BridgeTrainConfig()
