@@ -15,10 +15,6 @@ Measured (`benchmarks/bench_training.py --threads 1 --clock cpu`, small preset, 
 tokens, on a heavily loaded 2-core machine): the 32 AbsTopK calls of one training step,
 forward and backward, 70 ms against 215 ms for the reference.
 
-Threads. The NumPy selection runs on one thread (NumPy's partition and comparisons release the
-GIL, but use one core), so with `torch.get_num_threads()` > 1 and enough entries the rows are
-split into that many blocks, selected in a thread pool: the result is the same row by row.
-
 Ties. Exactly `k` entries are kept in every row. Where several entries tie with the k-th largest
 |x|, the fast path keeps the tied entries at the lowest positions (first along the last axis);
 the reference keeps whichever `torch.topk` returns. Without ties both keep the same entries.
@@ -28,7 +24,6 @@ NaN counts as larger than every number, as in `torch.topk`.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 
 import numpy as np
@@ -40,10 +35,6 @@ from sparse_lens.kernels import fast_kernels_enabled
 #: NumPy selects within rows of up to this many entries with sorting networks (x86-simd-sort;
 #: measured: 512-wide rows 0.5 ms per 1024 rows, 513-wide 1.9 ms); wider rows are narrowed first.
 _NUMPY_FAST_WIDTH = 512
-
-#: fewer entries than this are selected on the calling thread (a pool hand-off costs ~50 us)
-_PARALLEL_MIN_ENTRIES = 1 << 15
-_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 
 # the signed integer type whose bit patterns order the non-negative floats of each width
 _BITS_AS_INT = {torch.float64: torch.int64, torch.float32: torch.int32,
@@ -98,8 +89,8 @@ def abs_topk_mask(x: Float[torch.Tensor, "... dim"], k: int) -> Bool[torch.Tenso
     mags = x.detach().abs().reshape(-1, dim)
     if mags.device.type == "cpu" and mags.dtype in _BITS_AS_INT:
         keys = mags.view(_BITS_AS_INT[mags.dtype]).numpy()
-        keep_np, kth, runner_up = _select_rows(keys, k)
-        keep = torch.from_numpy(keep_np)
+        kth, runner_up = _kth_and_next_largest(keys, k)
+        keep = torch.from_numpy(keys >= kth[:, None])
         tied = torch.from_numpy(kth == runner_up)
         kth_t = torch.from_numpy(kth).view(mags.dtype).unsqueeze(1)
     else:
@@ -110,30 +101,6 @@ def abs_topk_mask(x: Float[torch.Tensor, "... dim"], k: int) -> Bool[torch.Tenso
         rows = tied.nonzero().squeeze(1)
         keep[rows] = _lowest_positions_first(mags[rows], kth_t[rows], k)
     return keep.view(x.shape)
-
-
-def _select_rows(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each row of the 2-D integer array `keys`: which entries are >= its k-th largest, the
-    k-th largest and the (k+1)-th. Blocks of rows go to `torch.get_num_threads()` threads when
-    there are enough entries (each row's result does not depend on the split)."""
-    rows = keys.shape[0]
-    keep = np.empty(keys.shape, dtype=bool)
-    kth = np.empty(rows, dtype=keys.dtype)
-    runner_up = np.empty(rows, dtype=keys.dtype)
-
-    def block(start: int, stop: int) -> None:
-        kth[start:stop], runner_up[start:stop] = _kth_and_next_largest(keys[start:stop], k)
-        np.greater_equal(keys[start:stop], kth[start:stop, None], out=keep[start:stop])
-
-    threads = min(torch.get_num_threads(), rows)
-    if threads < 2 or keys.size < _PARALLEL_MIN_ENTRIES:
-        block(0, rows)
-    else:
-        pool = _POOLS.get(threads) or _POOLS.setdefault(threads, concurrent.futures.ThreadPoolExecutor(threads))
-        bounds = np.linspace(0, rows, threads + 1).astype(int)
-        for future in [pool.submit(block, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
-            future.result()
-    return keep, kth, runner_up
 
 
 def _kth_and_next_largest(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
