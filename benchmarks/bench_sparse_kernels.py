@@ -12,24 +12,21 @@ so the per-layer ratio is the paper's; the full 8 layers hold 1.6 GB of float32 
 minutes to build on 2 cores) and the `small` preset at its 1/16. Weights are random, projected
 to the L0 (the speed depends on the shapes and the density, not on training).
 
-Measured 2026-12-02 on the shared 2-core CPU (load average ~9 from other jobs, so absolute times
-are ~4x an idle machine's; the ratios are what to read), `--repeats 3`:
+Measured 2026-12-02 (session 4), `--only paper --threads 1 --repeats 3`, the other core busy:
 | | dense | CSR | dense / CSR |
 |---|---|---|---|
-| product alone [512, 2048] @ [2048, 8192], density 1/16 | 1208 ms | 691 ms | 1.75x |
-| same, 1/64 | 1244 ms | 314 ms | 3.97x |
-| same, 1/256 | 1340 ms | 151 ms | 8.88x |
-| same, 1/1000 | 1149 ms | 108 ms | 10.6x |
-| paper shape (2 of 8 layers), L0 1/1000 (achieved 0.00165): forward 4 x 256 | 25.0 s | 15.0 s | 1.67x |
-| same, one pruning step 32 x 64 | 64.4 s | 45.0 s | 1.43x |
-| small preset, L0 1/16: forward 8 x 128 | 7.97 s | 6.68 s | 1.19x (0.97x in an earlier run) |
-| same, one pruning step 32 x 64 | 10.1 s | 16.7 s | 0.60x |
-The products themselves gain 10x at 1/1000, but at the paper's shape the rest of the forward
-(AbsTopK's top-k over 2048 and 8192 channels, attention over 128 heads x 256 x 256 with its sink
-and masking) is ~60% of the dense forward and nearly all of the CSR one (torch.profiler), so
-the whole pass gains 1.7x, not the issue's 10x; and at 1/16 CSR loses. Hence "auto" =
-CSR at density <= 1/100 only (`sparse_kernels.AUTO_MAX_DENSITY`). CSR conversion: once per
-context, 9-21 s here for these shapes (mostly the first forward itself).
+| paper shape (2 of 8 layers), L0 1/1000: forward 4 x 256 | 3.19 s | 0.67 s | 4.74x |
+| same, one pruning step 32 x 64 | 11.9 s | 5.09 s | 2.34x |
+| (a second run, beside a 1-thread analysis) forward / pruning step | | | 3.25x / 2.16x |
+| small preset, L0 1/16: forward 8 x 128 (`--only small`) | 164 ms | 141 ms | 1.16x |
+| same, one pruning step 32 x 64 | 641 ms | 856 ms | 0.75x |
+Before this session (fused attention skipped under CSR, column-major CSR outputs) the paper-shape
+forward gained 1.67x and the pruning step 1.43x. Now AbsTopK (single-threaded NumPy selection on
+2,048- and 8,192-wide rows), the CSR products' own copies and fills, and the pruning masks'
+element-wise passes are most of the CSR time, so the issue's 10x / 5x are not reached; at 1/16
+CSR loses. Hence "auto" = CSR at density <= 1/100 only (`sparse_kernels.AUTO_MAX_DENSITY`).
+The product alone (`--only matmul`, an earlier run on a loaded machine): 1.75x at 1/16, 3.97x at
+1/64, 8.88x at 1/256, 10.6x at 1/1000.
 """
 
 from __future__ import annotations
