@@ -9,8 +9,8 @@ from pathlib import Path
 
 from sparse_lens.cli_flags import LazyParser, given_fields
 from sparse_lens.cli_parsers import (
-    FAITHFULNESS_PRUNE_FIELDS, MODEL_SHAPE_FIELDS, add_analyze_flags, add_demo_flags, add_faithfulness_flags, add_import_flags,
-    add_prune_flags, add_report_flags, add_train_flags,
+    FAITHFULNESS_PRUNE_FIELDS, MODEL_SHAPE_FIELDS, add_analyze_flags, add_demo_flags, add_faithfulness_flags,
+    add_import_flags, add_prune_flags, add_report_flags, add_train_flags,
 )
 
 
@@ -63,8 +63,9 @@ def _train_command(args: argparse.Namespace, ranks) -> int:
     else:
         model_cfg = SparseHookedTransformerConfig.preset(preset, **overrides)
         tc = TrainConfig(**tc_fields)
-    kind = "dense baseline" if not model_cfg.is_weight_sparse else f"weight L0 {model_cfg.weight_l0:.4g}"
-    kind = ", ".join([f"{f} {getattr(model_cfg, f)}" for f in MODEL_SHAPE_FIELDS[1:] if f in overrides] + [kind])
+    shape = [f"{f} {getattr(model_cfg, f)}" for f in MODEL_SHAPE_FIELDS[1:] if f in overrides]
+    kind = ", ".join(shape + ["dense baseline" if not model_cfg.is_weight_sparse
+                              else f"weight L0 {model_cfg.weight_l0:.4g}"])
     say = print if ranks.is_main else (lambda *a, **k: None)
     if not ranks.is_main:
         logging.getLogger("sparse_lens").setLevel(logging.WARNING)

@@ -37,9 +37,9 @@ from jaxtyping import Float
 from torch.utils._pytree import tree_map
 
 #: "auto" uses CSR when the sparsified matrices hold at most this fraction of nonzeros. Measured
-#: by benchmarks/bench_sparse_kernels.py on 2 CPU cores (figures in its docstring): at the paper's
-#: 1/1000 CSR is faster (forward 4.7x, a pruning step 2.3x on 1 thread), at the small preset's 1/16 slower
-#: (pruning step 0.6x); the products alone break even well above 1/16 and gain 4x at 1/64.
+#: by benchmarks/bench_sparse_kernels.py on one CPU thread (figures in its docstring): at the
+#: paper's 1/1000 CSR is faster (forward 4.7x, a pruning step 2.3x), at the small preset's 1/16
+#: slower (pruning step 0.75x); the products alone break even well above 1/16 and gain 4x at 1/64.
 AUTO_MAX_DENSITY = 0.01
 #: matrices that are multiplied (the token embedding is indexed, so it stays as it is)
 SWAPPED_SUFFIXES = ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "mlp.W_in", "mlp.W_out",

@@ -91,7 +91,7 @@ def existing_model(where: str | Path, models_dir: Path) -> TrainedModel:
             pretrained.materialise(str(where), path)
     record_file, state_file = path / PROVENANCE_FILE, path / TRAINING_DIR / "state.json"
     if record_file.is_file():
-        record = json.loads(record_file.read_text())
+        record = checkpoint.read_json(record_file)
         val_loss = float(record["val_loss"])
     elif state_file.is_file():
         record = checkpoint.read_json(state_file)

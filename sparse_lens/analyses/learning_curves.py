@@ -25,6 +25,7 @@ trained to completion on fewer tokens; the `l0` column says where the anneal sto
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,8 +89,6 @@ def _cache_key(tasks, levels, n: int) -> dict:
 
 def _cached_evaluation(snapshot: Path, tasks, levels, n: int) -> pd.DataFrame | None:
     """The evaluation saved beside `snapshot` with these settings, else None."""
-    import json
-
     try:
         same = json.loads((snapshot / CACHE_SETTINGS).read_text()) == _cache_key(tasks, levels, n)
         return pd.read_csv(snapshot / CACHE_TABLE) if same else None
@@ -98,8 +97,6 @@ def _cached_evaluation(snapshot: Path, tasks, levels, n: int) -> pd.DataFrame | 
 
 
 def _save_evaluation(snapshot: Path, table: pd.DataFrame, tasks, levels, n: int) -> None:
-    import json
-
     table.to_csv(snapshot / CACHE_TABLE, index=False)
     (snapshot / CACHE_SETTINGS).write_text(json.dumps(_cache_key(tasks, levels, n)))
 
