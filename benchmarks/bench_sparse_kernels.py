@@ -141,7 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["paper", "small", "matmul"], default=None)
+    parser.add_argument("--retain-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse freed memory as the sparse-lens command does (sparse_lens.allocator); "
+                             "--no-retain-freed-memory: glibc's defaults")
     args = parser.parse_args(argv)
+    if args.retain_freed_memory:
+        from sparse_lens.allocator import retain_freed_memory
+
+        retain_freed_memory()
     torch.set_num_threads(args.threads)
     if args.only in (None, "matmul"):
         matmul_sweep(args.repeats)

@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import logging
 
+    from sparse_lens.allocator import retain_freed_memory
+
+    retain_freed_memory()  # large tensors reuse freed memory instead of page-faulting fresh pages
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.func(args)
