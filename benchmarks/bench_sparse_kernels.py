@@ -25,6 +25,10 @@ forward gained 1.67x and the pruning step 1.43x. Now AbsTopK (single-threaded Nu
 2,048- and 8,192-wide rows), the CSR products' own copies and fills, and the pruning masks'
 element-wise passes are most of the CSR time, so the issue's 10x / 5x are not reached; at 1/16
 CSR loses. Hence "auto" = CSR at density <= 1/100 only (`sparse_kernels.AUTO_MAX_DENSITY`).
+Session 5, the same `--only paper --threads 1 --repeats 3` (the other core training), once with
+the process keeping freed memory (`sparse_lens.allocator`, now the default here) and once with
+`--no-retain-freed-memory`: pruning step 4.33 s vs 5.49 s CSR (dense/CSR 3.36x vs 2.70x; dense
+~14.6 s both), forward 0.85 vs 0.77 s CSR (3.98x vs 4.37x, within this machine's spread).
 The product alone (`--only matmul`, an earlier run on a loaded machine): 1.75x at 1/16, 3.97x at
 1/64, 8.88x at 1/256, 10.6x at 1/1000.
 """
