@@ -71,8 +71,9 @@ def add_prune_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_demo_flags(d: argparse.ArgumentParser) -> None:
-    d.add_argument("--out", type=Path, default=Path("runs/small"), help="run directory (default runs/small)")
-    d.add_argument("--preset", default="small")
+    d.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>)")
+    d.add_argument("--preset", default="small",
+                   help="small (default) or wide: the checkpoint shipped for it is used")
     d.add_argument("--steps", type=int, default=None,
                    help="training steps (default: those of the shipped checkpoint, 8000 for small)")
     d.add_argument("--retrain", action="store_true",
