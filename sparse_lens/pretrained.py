@@ -20,13 +20,15 @@ no tokenizer: the shipped one (`sparse_lens.tokenizer`), which `pack` checks the
     sparse_lens.pretrained.materialise("small", "runs/small")   # an ordinary model directory
 
 Maintainers ship a new one with `python -m sparse_lens.pretrained RUN_DIR NAME --command "..."`
-(see `pack`); `sparse-lens demo` starts from `small` when its run directory has no model yet.
+(`--git-commit SHA` when the run was trained at another commit than the tree holding it; see
+`pack`); `sparse-lens demo` starts from `small` when its run directory has no model yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,14 +65,20 @@ def materialise(name: str, out_dir: str | Path, root: Path | None = None) -> Pat
 
 
 # ------------------------------------------------------------------------------ shipping one
-def pack(run_dir: str | Path, name: str, command: str, root: Path | None = None) -> Path:
+def pack(run_dir: str | Path, name: str, command: str, root: Path | None = None,
+         git_commit: str | None = None, preset: str | None = None) -> Path:
     """Ship the finished training run `run_dir` (from `sparse-lens train`) as `name`: its config,
     packed weights (checked to unpack exactly), and a provenance.json recording `command`, the
-    git commit of the source tree `run_dir` lies in (or this package's), and the run's own
-    record (preset, seed, steps, validation loss, torch version and threads). The run must be
-    finished and must use the shipped tokenizer."""
+    git commit the run was trained at (`git_commit`: 40 hex digits; default: the HEAD of the
+    source tree `run_dir` lies in, or this package's), and the run's own record (preset, seed,
+    steps, validation loss, torch version and threads). The run must be finished and must use
+    the shipped tokenizer. `preset`: the run is that preset (checked field by field, the name
+    aside) though it was launched another way (e.g. `--preset small` with shape flags before the
+    preset existed); the shipped config then carries the preset's `model_name`."""
     from sparse_lens.tokenizer import TOKENIZER_DIR, load_tokenizer
 
+    if git_commit is not None and not re.fullmatch(r"[0-9a-f]{40}", git_commit):
+        raise ValueError(f"git_commit must be a full commit hash (40 hex digits); got {git_commit!r}")
     run_dir = Path(run_dir)
     state = checkpoint.read_json(run_dir / "training" / "state.json")
     tc = state["train_config"]
@@ -80,6 +88,8 @@ def pack(run_dir: str | Path, name: str, command: str, root: Path | None = None)
     if used != load_tokenizer(TOKENIZER_DIR).backend_tokenizer.to_str():
         raise ValueError(f"{run_dir} was trained with another tokenizer than the shipped one")
     header = checkpoint.read_json(run_dir / checkpoint.CONFIG_FILE)
+    if preset is not None:
+        header["config"]["model_name"] = _preset_name_for(header["config"], preset, run_dir)
     tensors = checkpoint.load_tensors(run_dir / checkpoint.WEIGHTS_FILE)
     final = [h for h in state["history"] if h["step"] == state["step"] and "val_loss" in h]
     if not final:
@@ -95,7 +105,7 @@ def pack(run_dir: str | Path, name: str, command: str, root: Path | None = None)
             raise AssertionError(f"packing {k} is not exact")
     record = dict(
         command=command,
-        git_commit=_git_commit(run_dir),
+        git_commit=git_commit or _git_commit(run_dir),
         preset=header["config"].get("model_name", "").removeprefix("sparse-"),
         seed=tc["seed"], steps=state["step"], batch_size=tc["batch_size"],
         val_loss=final[0]["val_loss"], unigram_val_loss=state["unigram_val_loss"],
@@ -110,6 +120,18 @@ def pack(run_dir: str | Path, name: str, command: str, root: Path | None = None)
     )
     (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return out
+
+
+def _preset_name_for(config: dict, preset: str, run_dir: Path) -> str:
+    """The `model_name` of `preset`, after checking that `config` (a config.json's "config") is
+    that preset in every other field."""
+    from sparse_lens.config import SparseHookedTransformerConfig
+
+    wanted = SparseHookedTransformerConfig.preset(preset).to_json_dict()
+    diffs = [k for k, v in config.items() if k != "model_name" and wanted.get(k, v) != v]
+    if diffs:
+        raise ValueError(f"{run_dir} is not the {preset!r} preset: it differs in {', '.join(diffs)}")
+    return wanted["model_name"]
 
 
 def _git_commit(where: Path) -> str:
@@ -135,8 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name")
     parser.add_argument("--command", required=True, help="the exact command that trained run_dir")
     parser.add_argument("--root", type=Path, default=None, help="default: the package's pretrained_data")
+    parser.add_argument("--git-commit", default=None,
+                        help="the commit run_dir was trained at (default: HEAD of the tree it lies in)")
+    parser.add_argument("--preset", default=None,
+                        help="the preset the run is (checked), if it was launched another way")
     args = parser.parse_args(argv)
-    out = pack(args.run_dir, args.name, args.command, root=args.root)
+    out = pack(args.run_dir, args.name, args.command, root=args.root, git_commit=args.git_commit,
+               preset=args.preset)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{out}: {size / 1e6:.2f} MB; {describe(args.name, args.root)}")
     return 0

@@ -64,6 +64,17 @@ def test_a_packed_run_loads_exactly_with_its_provenance(shipped_tiny, tmp_path):
     assert made["command"] == "sparse-lens train --preset tiny --steps 2"
     assert made["steps"] == 2 and made["seed"] == 0 and made["preset"] == "tiny"
     assert len(made["git_commit"]) >= 40 or made["git_commit"] == "unknown"
+    # a run trained at an earlier commit than the tree it now lies in records that one
+    run_dir = root.parent / "run"
+    again_root = tmp_path / "again"
+    pretrained.pack(run_dir, "tiny", command=made["command"], root=again_root, git_commit="a" * 40)
+    assert pretrained.provenance("tiny", root=again_root)["git_commit"] == "a" * 40
+    with pytest.raises(ValueError, match="40 hex digits"):
+        pretrained.pack(run_dir, "tiny", command=made["command"], root=again_root, git_commit="HEAD")
+    # a run shipped as a preset must be that preset, its name aside
+    pretrained.pack(run_dir, "tiny", command=made["command"], root=again_root, preset="tiny")
+    with pytest.raises(ValueError, match="not the .small. preset: it differs in d_model, n_layers"):
+        pretrained.pack(run_dir, "tiny", command=made["command"], root=again_root, preset="small")
     assert "sparse-lens train --preset tiny --steps 2" in pretrained.describe("tiny", root=root)
     # materialised: an ordinary model directory, with the provenance beside it
     out = pretrained.materialise("tiny", tmp_path / "m", root=root)
