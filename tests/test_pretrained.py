@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparse_lens import checkpoint, data, demo, pretrained, shipped
-from sparse_lens.config import SparseHookedTransformerConfig
+from sparse_lens.config import PRESETS, SparseHookedTransformerConfig
 from sparse_lens.model import SparseHookedTransformer
 from sparse_lens.training import TRAINING_DIR, TrainConfig, train
 
@@ -120,6 +120,18 @@ def test_the_shipped_small_checkpoint_is_the_default_small_model():
     assert made["val_loss"] < made["unigram_val_loss"] - 1.0
     size = sum(f.stat().st_size for f in pretrained.path("small").iterdir())
     assert size < 4e6, size
+
+
+@pytest.mark.parametrize("name", sorted(set(pretrained.available()) & set(PRESETS)))
+def test_every_shipped_preset_checkpoint_is_what_its_demo_would_train(name):
+    """`sparse-lens demo --preset NAME` starts from the shipped `NAME`: it is that preset,
+    trained with the demo's settings and the steps it records, at the preset's density."""
+    steps = demo.default_steps(name, None)
+    assert demo.shipped_mismatch(name, steps) is None
+    model = pretrained.load(name)  # checks the weights against the recorded SHA-256
+    assert model.cfg.model_name == f"sparse-{name}"
+    table = model.weight_sparsity()
+    assert table.nonzeros.sum() / table.numel.sum() < 1.15 * model.cfg.weight_l0
 
 
 def test_the_demo_chooses_its_model(shipped_tiny, tmp_path, monkeypatch):
