@@ -164,7 +164,8 @@ def get_model(out_dir: Path, preset: str, steps: int | None, progress: bool = Tr
     made = pretrained.shipped_provenance_of(out_dir)
     if made is not None:
         print(f"      it was {pretrained.describe_record(made)}")
-        print(f"      `sparse-lens demo --retrain` trains it from scratch instead ({made['steps']} "
+        flag = "" if preset == "small" else f" --preset {preset}"
+        print(f"      `sparse-lens demo{flag} --retrain` trains it from scratch instead ({made['steps']} "
               f"steps, about {made['steps'] * SECONDS_PER_STEP.get(preset, 0.4) / 60:.0f} minutes "
               "on 2 CPU cores)")
     tc = training.TrainConfig()
