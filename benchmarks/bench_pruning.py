@@ -87,6 +87,8 @@ def print_ratio(runs: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from sparse_lens.allocator import add_retain_flag, apply_retain_flag
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("runs/small"))
     parser.add_argument("--tasks", nargs="+", default=[f"{t}:{DEMO_TARGET_LOSS}" for t in DEMO_TASKS],
@@ -95,14 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--factor", type=int, default=10, help="the longer run's step multiple")
     parser.add_argument("--no-long", action="store_true", help="time the default budget only")
     parser.add_argument("--long-only", action="store_true", help="run the longer budget only")
-    parser.add_argument("--retain-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse freed memory as the sparse-lens command does (sparse_lens.allocator); "
-                             "--no-retain-freed-memory: glibc's defaults")
+    add_retain_flag(parser)
     args = parser.parse_args(argv)
-    if args.retain_freed_memory:
-        from sparse_lens.allocator import retain_freed_memory
-
-        retain_freed_memory()
+    apply_retain_flag(args)
 
     from sparse_lens.hooks import NodeRegistry, node_means_for
     from sparse_lens.model import SparseHookedTransformer

@@ -140,19 +140,16 @@ def matmul_sweep(repeats: int, n_tokens: int = 512, shape=(2048, 8192)) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from sparse_lens.allocator import add_retain_flag, apply_retain_flag
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paper-layers", type=int, default=2, help="layers of the paper shape (8 = full)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["paper", "small", "matmul"], default=None)
-    parser.add_argument("--retain-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse freed memory as the sparse-lens command does (sparse_lens.allocator); "
-                             "--no-retain-freed-memory: glibc's defaults")
+    add_retain_flag(parser)
     args = parser.parse_args(argv)
-    if args.retain_freed_memory:
-        from sparse_lens.allocator import retain_freed_memory
-
-        retain_freed_memory()
+    apply_retain_flag(args)
     torch.set_num_threads(args.threads)
     if args.only in (None, "matmul"):
         matmul_sweep(args.repeats)

@@ -227,6 +227,8 @@ def report_steps(times: dict, flops: int, tokens: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from sparse_lens.allocator import add_retain_flag, apply_retain_flag
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -238,14 +240,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time node means and a pruning step")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: this process's CPU time, for a loaded machine (with --threads 1)")
-    parser.add_argument("--retain-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse freed memory as the sparse-lens command does (sparse_lens.allocator); "
-                             "--no-retain-freed-memory: glibc's defaults")
+    add_retain_flag(parser)
     args = parser.parse_args(argv)
-    if args.retain_freed_memory:
-        from sparse_lens.allocator import retain_freed_memory
-
-        retain_freed_memory()
+    apply_retain_flag(args)
     if args.clock == "cpu":
         if args.threads != 1:
             parser.error("--clock cpu needs --threads 1 (CPU time adds up every thread's time)")

@@ -24,27 +24,21 @@ does nothing and says so. The same from the shell, for any process:
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
-_APPLIED: dict[str, bool] = {}
 
-
+@functools.cache
 def retain_freed_memory() -> bool:
     """Make this process reuse freed memory for new tensors (see the module docstring).
     Returns whether it applies (glibc on Linux); idempotent."""
-    if "done" in _APPLIED:
-        return _APPLIED["done"]
-    _APPLIED["done"] = ok = _set_glibc_options()
-    return ok
-
-
-def _set_glibc_options() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -56,3 +50,16 @@ def _set_glibc_options() -> bool:
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # mallopt returns 1 on success; -1 for the trim threshold means "never trim"
     return libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
+
+
+def add_retain_flag(parser: argparse.ArgumentParser) -> None:
+    """`--retain-freed-memory` (default) / `--no-retain-freed-memory`, for the benchmarks; apply
+    it with `apply_retain_flag(args)`."""
+    parser.add_argument("--retain-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse freed memory as the sparse-lens command does (sparse_lens.allocator); "
+                             "--no-retain-freed-memory: glibc's defaults")
+
+
+def apply_retain_flag(args: argparse.Namespace) -> None:
+    if args.retain_freed_memory:
+        retain_freed_memory()

@@ -231,7 +231,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tasks = tuple(args.tasks or DEMO_TASKS)
     for task in tasks:
         get_spec(task)
-    run_demo(args.out or Path("runs") / args.preset, args.preset, tasks, args.steps, progress=not args.no_progress,
+    out = args.out or Path("runs") / args.preset
+    run_demo(out, args.preset, tasks, args.steps, progress=not args.no_progress,
              retrain=args.retrain, target_loss=DEMO_TARGET_LOSS if args.target_loss is None else args.target_loss)
     return 0
 

@@ -222,6 +222,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_differences(config: dict[str, Any], name: str) -> list[str]:
+    """The fields of `config` (a config.json's "config" dict) whose values differ from preset
+    `name`'s; fields the preset does not have count as equal."""
+    wanted = SparseHookedTransformerConfig.preset(name).to_json_dict()
+    return [k for k, v in config.items() if wanted.get(k, v) != v]
+
+
 def _require(ok: bool, field: str, allowed: str, got: Any) -> None:
     if not ok:
         raise ValueError(f"SparseHookedTransformerConfig.{field} must be {allowed}; got {got!r}")

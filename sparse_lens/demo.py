@@ -107,15 +107,14 @@ def shipped_mismatch(preset: str, steps: int | None) -> str | None:
     demo would train with (the preset's model config and `TrainConfig(steps=steps)`, fields
     that change no weights aside); else why not."""
     from sparse_lens import checkpoint, pretrained
-    from sparse_lens.config import SparseHookedTransformerConfig
+    from sparse_lens.config import preset_differences
     from sparse_lens.training import TrainConfig
 
     if preset not in pretrained.available():
         return f"no checkpoint of {preset!r} is shipped"
     made = pretrained.provenance(preset)
     shipped_cfg = checkpoint.read_json(pretrained.path(preset) / checkpoint.CONFIG_FILE)["config"]
-    wanted_cfg = SparseHookedTransformerConfig.preset(preset).to_json_dict()
-    diffs = [f"model.{k}" for k, v in shipped_cfg.items() if wanted_cfg.get(k, v) != v]
+    diffs = [f"model.{k}" for k in preset_differences(shipped_cfg, preset)]
     wanted_tc = TrainConfig(**({} if steps is None else {"steps": steps})).to_json_dict()
     shipped_tc = TrainConfig(**made["train_config"]).to_json_dict()  # fields added since: defaults
     diffs += [f"train.{k}" for k, v in wanted_tc.items()

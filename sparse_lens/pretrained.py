@@ -125,13 +125,12 @@ def pack(run_dir: str | Path, name: str, command: str, root: Path | None = None,
 def _preset_name_for(config: dict, preset: str, run_dir: Path) -> str:
     """The `model_name` of `preset`, after checking that `config` (a config.json's "config") is
     that preset in every other field."""
-    from sparse_lens.config import SparseHookedTransformerConfig
+    from sparse_lens.config import PRESETS, preset_differences
 
-    wanted = SparseHookedTransformerConfig.preset(preset).to_json_dict()
-    diffs = [k for k, v in config.items() if k != "model_name" and wanted.get(k, v) != v]
+    diffs = [k for k in preset_differences(config, preset) if k != "model_name"]
     if diffs:
         raise ValueError(f"{run_dir} is not the {preset!r} preset: it differs in {', '.join(diffs)}")
-    return wanted["model_name"]
+    return PRESETS[preset]["model_name"]
 
 
 def _git_commit(where: Path) -> str:

@@ -34,9 +34,3 @@ def test_retained_memory_serves_the_next_tensor_without_page_faults():
     assert faults < 500  # 60 MiB of fresh 4 KiB pages would be ~15,000 faults
     _, default_faults = probe("default")
     assert default_faults > 4 * faults + 1000  # what it saves: glibc unmaps and refaults by default
-
-
-def test_retain_freed_memory_is_idempotent():
-    from sparse_lens.allocator import retain_freed_memory
-
-    assert retain_freed_memory() == retain_freed_memory()
