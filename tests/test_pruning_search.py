@@ -190,3 +190,31 @@ def test_a_bad_starting_order_corrects_itself_after_one_chunk():
     assert smallest_passing_prefix(table_losses(table, asked), answer, n_examples, 0.15) == answer
     first_chunk = 4 * n_examples
     assert sum(asked) <= first_chunk + (answer - 4) * 8 + n_examples
+
+
+def test_a_collapsed_mask_is_optimised_again_more_slowly(model, means, monkeypatch):
+    """When the optimised mask (tau > 0) misses the target on the evaluation examples (the
+    collapse of `search`'s step 2), the optimisation restarts at a third of the learning rate,
+    up to `restarts` times, and the search sizes the circuit on the taus of the last attempt."""
+    import sparse_lens.search as search
+
+    registry = NodeRegistry.for_model(model)
+    planted = prune(model, hand_task(), means=means, steps=150, batch_size=32, lr=0.02, progress=False)
+    collapsed = torch.full((registry.n_nodes,), -1.0)  # every node off: chance loss
+    good = torch.full((registry.n_nodes,), -1.0)
+    good[planted.node_ids] = 1.0
+    lrs = []
+
+    def optimise(model, masker, data, registry, config):
+        lrs.append(config.lr)
+        return collapsed if len(lrs) < 3 else good
+
+    monkeypatch.setattr(search, "_optimise_taus", optimise)
+    circuit = prune(model, hand_task(), means=means, lr=0.03, progress=False)
+    assert lrs == pytest.approx([0.03, 0.01, 0.01 / 3])
+    assert circuit.node_ids == planted.node_ids and circuit.solved
+    lrs.clear()
+    prune(model, hand_task(), means=means, lr=0.03, restarts=1, progress=False)
+    assert lrs == pytest.approx([0.03, 0.01])  # no third attempt: its last taus are the collapsed ones
+    with pytest.raises(ValueError, match="restarts"):
+        PruneConfig(restarts=-1)
