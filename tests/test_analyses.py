@@ -343,3 +343,27 @@ def test_the_shipped_model_as_the_sparse_side_gets_a_dense_baseline_with_its_set
     assert dense.name == f"small-dense-to-{record['val_loss']:.4f}"
     with pytest.raises(FileNotFoundError, match="shipped checkpoint"):
         existing_model(tmp_path / "nowhere", tmp_path)
+
+
+@pytest.mark.slow
+def test_a_run_snapshot_serves_as_a_model_with_the_loss_evaluated_at_its_step(tmp_path):
+    """`<run>/snapshots/step-N` is a model trained elsewhere (the dense side of circuit-size,
+    `--dense-model`): the validation loss the run evaluated at step N, the history up to N;
+    a step without an evaluation is an error, not another step's loss."""
+    analyses.run("learning-curves", tmp_path / "out", tmp_path / "models", quick=True)
+    run = tmp_path / "models" / "tiny-snapshots"
+    state = json.loads((run / "training" / "state.json").read_text())
+    at_10 = [h["val_loss"] for h in state["history"] if h["step"] == 10 and h.get("val_loss") is not None]
+    snapshot = existing_model(run / "snapshots" / "step-000010", tmp_path)
+    assert [snapshot.val_loss] == at_10 and snapshot.history[-1]["step"] == 10
+    result = analyses.run("circuit-size", tmp_path / "out", tmp_path / "unused", quick=True,
+                          target_loss=LOOSE, sparse_model=str(run),
+                          dense_model=str(run / "snapshots" / "step-000010"))
+    meta = json.loads((result.folder / "meta.json").read_text())
+    assert meta["settings"]["dense_model"] == str(run / "snapshots" / "step-000010")
+    assert meta["models"][1]["val_loss"] == at_10[0] and "taken from" in result.summary
+    assert not (tmp_path / "unused").exists()  # nothing trained
+    fake = run / "snapshots" / "step-000011"
+    fake.mkdir()
+    with pytest.raises(ValueError, match="no validation loss at step 11"):
+        existing_model(fake, tmp_path)

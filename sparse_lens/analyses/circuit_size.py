@@ -8,7 +8,10 @@ circuits are about 16x smaller).
 2. Match the losses: a dense model of the same shape gets to the sparse model's final
    validation loss much earlier, so the dense run (same settings) stops at its first evaluation
    at or below that loss (`TrainConfig.stop_at_val_loss`, evaluated every 25 steps). Both
-   losses are reported; the match is as close as the evaluation interval allows.
+   losses are reported; the match is as close as the evaluation interval allows. Or take a dense
+   model trained before (`--dense-model`, e.g. the first snapshot of a dense run at or below the
+   sparse model's loss): the paper matches pretraining loss, not shape, and its reported loss
+   and shape say how close the match is.
 3. Prune every task on the sparse model and on the matched dense model at the same target loss;
    per task the edges of each (`Circuit.n_edges`), and the geometric mean of dense/sparse edges
    over the tasks both solve.
@@ -35,11 +38,14 @@ def add_arguments(parser) -> None:
     option(parser, "--preset", help="model preset of the sparse and dense models (default small)")
     option(parser, "--sparse-model", help="use this sparse model instead of training one: a packed "
            "model directory with a provenance.json, or a shipped checkpoint's name (small)")
+    option(parser, "--dense-model", help="use this dense model instead of training one to the sparse "
+           "model's loss: a packed model directory, a training run or a run's snapshot "
+           "(<run>/snapshots/step-N)")
 
 
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target_loss: float = 0.15,
         tasks: list[str] | None = None, preset: str = "small", sparse_model: str | Path | None = None,
-        progress: bool = False) -> AnalysisResult:
+        dense_model: str | Path | None = None, progress: bool = False) -> AnalysisResult:
     from sparse_lens.tasks import list_tasks
 
     models_dir = Path(models_dir)
@@ -47,13 +53,20 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
     sparse = (existing_model(sparse_model, models_dir) if sparse_model is not None
               else train_model(ModelSpec(preset, preset), models_dir, quick, progress))
     target_val = float(f"{sparse.val_loss:.4f}")
-    dense = train_model(dense_spec(sparse), models_dir, quick, progress)
-    dense_steps = dense.history[-1]["step"] if dense.history else 0
-    planned = dense.spec.configs(quick)[1].steps
-    how = (f"trained with the same settings until its validation loss first reached the sparse "
-           f"model's (evaluated every {dense.spec.configs(quick)[1].eval_every} steps): stopped at step "
-           f"{dense_steps} of {planned}" if dense.val_loss <= target_val else
-           f"trained for all {planned} steps without reaching the sparse model's loss")
+    if dense_model is not None:
+        dense = existing_model(dense_model, models_dir)
+        dense_steps = dense.history[-1]["step"] if dense.history else 0
+        cfg = dense.model.cfg
+        how = (f"taken from `{dense_model}`: {dense_steps} steps, d_model {cfg.d_model}, d_mlp "
+               f"{cfg.d_mlp}, {cfg.n_layers} layers, weight L0 {cfg.weight_l0:.4g}")
+    else:
+        dense = train_model(dense_spec(sparse), models_dir, quick, progress)
+        dense_steps = dense.history[-1]["step"] if dense.history else 0
+        planned = dense.spec.configs(quick)[1].steps
+        how = (f"trained with the same settings until its validation loss first reached the sparse "
+               f"model's (evaluated every {dense.spec.configs(quick)[1].eval_every} steps): stopped at "
+               f"step {dense_steps} of {planned}" if dense.val_loss <= target_val else
+               f"trained for all {planned} steps without reaching the sparse model's loss")
 
     rows = []
     for trained, kind in ((sparse, "sparse"), (dense, "dense")):
@@ -72,7 +85,7 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target
     return write_outputs(out_dir, NAME, wide, fig, summary, [sparse, dense],
                          settings_dict(quick=quick, target_loss=target_loss, tasks=tasks,
                                        preset=sparse.spec.preset, sparse_model=str(sparse.path),
-                                       dense_steps=dense_steps,
+                                       dense_model=str(dense.path), dense_steps=dense_steps,
                                        sparse_val_loss=sparse.val_loss, dense_val_loss=dense.val_loss,
                                        geometric_mean_ratio=ratio))
 

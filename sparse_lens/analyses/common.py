@@ -16,6 +16,7 @@ import json
 import math
 import platform
 import shlex
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,9 +77,10 @@ def existing_model(where: str | Path, models_dir: Path) -> TrainedModel:
     """A model trained elsewhere, as a `TrainedModel`: a model directory with the
     `provenance.json` of a packed checkpoint (its validation loss, training settings and
     history), a training run's directory (`sparse-lens train --out DIR`: the same from its
-    `training/state.json`; the loss is its last evaluation's), or the name of a checkpoint shipped
-    in the package (`sparse_lens.pretrained`), written as a model directory
-    `models_dir/<name>-shipped` first."""
+    `training/state.json`; the loss is its last evaluation's), a snapshot of such a run
+    (`<run>/snapshots/step-NNNNNN`, from `--snapshot-every`: the run's record, the loss evaluated
+    at that step), or the name of a checkpoint shipped in the package (`sparse_lens.pretrained`),
+    written as a model directory `models_dir/<name>-shipped` first."""
     from sparse_lens import checkpoint, pretrained
     from sparse_lens.checkpoint import PROVENANCE_FILE
     from sparse_lens.model import SparseHookedTransformer
@@ -90,7 +92,17 @@ def existing_model(where: str | Path, models_dir: Path) -> TrainedModel:
         if not (path / PROVENANCE_FILE).is_file():
             pretrained.materialise(str(where), path)
     record_file, state_file = path / PROVENANCE_FILE, path / TRAINING_DIR / "state.json"
-    if record_file.is_file():
+    snapshot_step = _snapshot_step(path)
+    if snapshot_step is not None and not record_file.is_file():
+        record = checkpoint.read_json(path.parent.parent / TRAINING_DIR / "state.json")
+        at_step = [h["val_loss"] for h in record.get("history", [])
+                   if h.get("step") == snapshot_step and h.get("val_loss") is not None]
+        if not at_step:
+            raise ValueError(f"{where}: the run evaluated no validation loss at step {snapshot_step} "
+                             f"(snapshots at evaluation steps only can be used)")
+        val_loss = float(at_step[-1])
+        record = {**record, "history": [h for h in record.get("history", []) if h["step"] <= snapshot_step]}
+    elif record_file.is_file():
         record = checkpoint.read_json(record_file)
         val_loss = float(record["val_loss"])
     elif state_file.is_file():
@@ -108,6 +120,17 @@ def existing_model(where: str | Path, models_dir: Path) -> TrainedModel:
     model.eval()
     spec = ModelSpec(path.name, record.get("preset", "small"), train=train)
     return TrainedModel(spec, model, path, val_loss, list(record.get("history", [])), float("nan"))
+
+
+def _snapshot_step(path: Path) -> int | None:
+    """N if `path` is `<run>/snapshots/step-N` of a training run with its record, else None."""
+    from sparse_lens.training.rundir import TRAINING_DIR
+
+    match = re.fullmatch(r"step-(\d+)", path.name)
+    if match and path.parent.name == "snapshots" and \
+            (path.parent.parent / TRAINING_DIR / "state.json").is_file():
+        return int(match.group(1))
+    return None
 
 
 def sweep_or_existing(models, quick: bool, widths, l0s, steps, models_dir: Path,
