@@ -248,7 +248,7 @@ SUBCOMMANDS = {
     "prune": (cmd_prune, add_prune_flags, "prune a trained model to the circuit of a task (or all)",
               "Prune a model to the smallest set of nodes that solves a task, everything else "
               "mean-ablated; save each circuit and a summary table."),
-    "demo": (cmd_demo, add_demo_flags, "the small model (shipped, or --retrain), prune tasks, write the report",
+    "demo": (cmd_demo, add_demo_flags, "the wide model (shipped, or --retrain), prune tasks, write the report",
              "The main job: take the small weight-sparse model (the checkpoint shipped in the package, "
              "made by `sparse-lens train`; or, with --retrain, train it on the standard library), prune "
              "a handful of tasks, verify the circuits and write a self-contained HTML report. A model "
