@@ -14,7 +14,12 @@
    `target_loss` on fixed evaluation examples: exactly, by trying every prefix of the tau order
    in turn (many at once, dropping each as soon as its loss is known to exceed the target;
    `smallest_passing_prefix`), because the loss-vs-prefix curve is not monotone;
-4. optionally fit a scale and per-candidate-token bias on the final logits with LBFGS
+4. optionally (`refine=True`, not the paper's) drop the found circuit's nodes one at a time,
+   lowest tau first, while it still meets the target on the evaluation examples, in passes
+   until no single node can leave (`drop_redundant`): the tau order is a ranking learned under a
+   per-node penalty, and its smallest passing prefix still holds nodes the others make
+   redundant;
+5. optionally fit a scale and per-candidate-token bias on the final logits with LBFGS
    (`calibrate=True`).
 
 `search_nodes` runs it and returns a `SearchResult`; `pruning.prune` wraps that in a `Circuit`,
@@ -61,6 +66,7 @@ class PruneConfig:
     n_train: int = 512  # task examples to optimise on
     n_eval: int = 128  # fixed examples the bisection evaluates (train split, another seed)
     calibrate: bool = False
+    refine: bool = False  # then drop nodes one at a time while the target holds (search step 4)
     level: str = "core"  # task level of a named task ("core" or "hard"; `tasks.get_task`)
     source: str = "generated"  # or "corpus": real instances (`tasks.CORPUS_TASKS` only)
     seed: int = 0
@@ -182,7 +188,10 @@ def _optimise_and_size(model, masker, train_data, eval_data, registry, config, f
         n_kept, curve = _bisect(model, masker, eval_data, order, registry, config, limit)
     else:
         n_kept, curve = _search(model, masker, eval_data, order, registry, config)
-    return tau, order[:n_kept], curve
+    kept = order[:n_kept]
+    if config.refine and not full_misses and config.ablation != "resample" and n_kept < registry.n_nodes:
+        kept = drop_redundant(model, masker, eval_data, kept, registry, config.target_loss)
+    return tau, kept, curve
 
 
 def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneConfig) -> torch.Tensor:
@@ -274,21 +283,16 @@ def growing_slices(n: int, first: int, largest: int) -> list[slice]:
     return out
 
 
-def _prefix_losses(model, masker, data, order, registry: NodeRegistry,
-                   rows: torch.Tensor | None = None) -> ExampleLosses:
-    """`example_losses` for `smallest_passing_prefix`: the circuits keeping the first n nodes of
-    `order`, all evaluated in one forward pass (each candidate on its own copy of the rows,
-    with its own row mask), examples taken in the order `rows` (default: shortest first)."""
-    rows = by_length(data) if rows is None else rows
-    rank = torch.empty(registry.n_nodes, dtype=torch.long)
-    rank[order] = torch.arange(registry.n_nodes)
-    rank = rank.to(model.cfg.device)
+def _mask_losses(model, masker, data, rows: torch.Tensor):
+    """`(masks, which) -> [len(masks), len(which)]` per-example task losses of the circuits
+    `masks` ([k, n_nodes], 1 = kept), all evaluated in one forward pass (each candidate on its
+    own copy of the examples, with its own row mask), on the examples `rows[which]`."""
 
-    def example_losses(ns: list[int], which: slice | torch.Tensor) -> Float[torch.Tensor, "candidates examples"]:
+    def losses(masks: Float[torch.Tensor, "k n_nodes"],
+               which: slice | torch.Tensor) -> Float[torch.Tensor, "candidates examples"]:
         part = data[rows[which]]
-        k, e = len(ns), len(part)
-        kept = torch.tensor(ns, device=rank.device)[:, None]
-        masker.set_row_masks((rank[None, :] < kept).float().repeat_interleave(e, dim=0))
+        k, e = len(masks), len(part)
+        masker.set_row_masks(masks.repeat_interleave(e, dim=0))
         tokens = part.tokens.repeat(k, 1)
         with torch.no_grad():
             logits = model(tokens)
@@ -298,7 +302,84 @@ def _prefix_losses(model, masker, data, order, registry: NodeRegistry,
             last[rows_k, part.contrast.to(logits.device).repeat(k)]
         return F.softplus(-diff).view(k, e)
 
+    return losses
+
+
+def _prefix_losses(model, masker, data, order, registry: NodeRegistry,
+                   rows: torch.Tensor | None = None) -> ExampleLosses:
+    """`example_losses` for `smallest_passing_prefix`: the circuits keeping the first n nodes of
+    `order`, all evaluated in one forward pass (`_mask_losses`), examples taken in the order
+    `rows` (default: shortest first)."""
+    rows = by_length(data) if rows is None else rows
+    rank = torch.empty(registry.n_nodes, dtype=torch.long)
+    rank[order] = torch.arange(registry.n_nodes)
+    rank = rank.to(model.cfg.device)
+    losses = _mask_losses(model, masker, data, rows)
+
+    def example_losses(ns: list[int], which: slice | torch.Tensor) -> Float[torch.Tensor, "candidates examples"]:
+        kept = torch.tensor(ns, device=rank.device)[:, None]
+        return losses((rank[None, :] < kept).float(), which)
+
     return example_losses
+
+
+def first_passing(losses, masks: Float[torch.Tensor, "k n_nodes"], n_examples: int, target: float,
+                  first_batch: int = 8, batch_size: int = 32) -> int | None:
+    """The index of the first of `masks` whose circuit meets `target` (mean per-example loss
+    over the `n_examples` evaluation examples), or None. `losses(masks, rows)` as
+    `_mask_losses` returns. Like `smallest_passing_prefix`, examples come in growing batches and
+    a candidate is dropped once its running sum exceeds `target * n_examples`."""
+    bound = target * n_examples
+    sums = torch.zeros(len(masks), dtype=torch.float64)
+    alive = list(range(len(masks)))
+    for rows in growing_slices(n_examples, first_batch, batch_size):
+        if not alive:
+            return None
+        sums[alive] += losses(masks[alive], rows).detach().double().cpu().sum(dim=1)
+        alive = [i for i in alive if sums[i] <= bound]
+    return alive[0] if alive else None
+
+
+def drop_redundant(model, masker, data, kept: torch.Tensor, registry: NodeRegistry, target: float,
+                   chunk: int = 8) -> torch.Tensor:
+    """Step 4: from the circuit `kept` (node ids, highest tau first) that meets `target` on
+    `data`, drop nodes one at a time, lowest tau first, whenever the circuit without that node
+    still meets it; in passes until a pass drops none, so that no single node of the result can
+    leave. Candidates are tried `chunk` at a time in one forward pass (`first_passing`), the
+    examples hardest first under the current circuit. Returns the kept ids, highest tau first.
+    The examples decide, so the result can fit them more closely than a prefix does: check it
+    out of sample (`Circuit.verify`)."""
+    device = model.cfg.device
+    given, kept = kept, [int(i) for i in kept]
+
+    def mask_of(ids) -> torch.Tensor:
+        mask = torch.zeros(registry.n_nodes, device=device)
+        mask[torch.tensor(ids, dtype=torch.long, device=device)] = 1.0
+        return mask
+
+    everything = torch.arange(len(data))
+    dropped = True
+    while dropped and kept:
+        dropped = False
+        current = _mask_losses(model, masker, data, everything)(mask_of(kept)[None], slice(None))[0]
+        rows = torch.argsort(current.detach().cpu(), descending=True, stable=True)
+        losses = _mask_losses(model, masker, data, rows)
+        candidates, start = kept[::-1], 0
+        while start < len(candidates):
+            tried = candidates[start:start + chunk]
+            masks = mask_of(kept).repeat(len(tried), 1)
+            masks[torch.arange(len(tried)), torch.tensor(tried, device=device)] = 0.0
+            hit = first_passing(losses, masks, len(data), target)
+            if hit is None:
+                start += len(tried)
+                continue
+            kept.remove(tried[hit])
+            dropped = True
+            start += hit + 1
+    masker.mask = mask_of(kept)  # back to one mask for every row
+    if pair_loss(final_logit_pairs(model, data, masker, mask_of(kept))) > target:
+        return given  # passed in the scan's summation order only: a float tie, keep the prefix
+    return torch.tensor(kept, dtype=torch.long)
 
 
 def hardest_first(example_losses: ExampleLosses, n_examples: int, n_max: int, target: float,

@@ -218,3 +218,31 @@ def test_a_collapsed_mask_is_optimised_again_more_slowly(model, means, monkeypat
     assert lrs == pytest.approx([0.03, 0.01])  # no third attempt: its last taus are the collapsed ones
     with pytest.raises(ValueError, match="restarts"):
         PruneConfig(restarts=-1)
+
+
+def test_refine_leaves_a_circuit_no_single_node_can_leave(model, means):
+    """From a prefix of a shuffled order (the planted nodes spread out, many idle nodes kept),
+    `drop_redundant` keeps the planted nodes, still meets the target, and dropping any one of
+    its nodes misses it; `refine=True` does the same inside `prune`."""
+    from sparse_lens.search import drop_redundant
+
+    registry, data = NodeRegistry.for_model(model), hand_task(n=16)
+    order = torch.randperm(registry.n_nodes, generator=torch.Generator().manual_seed(2))
+    config = PruneConfig(target_loss=0.3, progress=False)
+    planted = prune(model, hand_task(), means=means, steps=150, batch_size=32, lr=0.02, progress=False)
+    with masked_nodes(model, registry, torch.ones(registry.n_nodes), means) as masker:
+        n, _ = _search(model, masker, data, order, registry, config)
+        kept = drop_redundant(model, masker, data, order[:n], registry, 0.3, chunk=4)
+
+        def loss(ids):
+            mask = torch.zeros(registry.n_nodes)
+            mask[ids] = 1.0
+            return pair_loss(final_logit_pairs(model, data, masker, mask))
+
+        assert len(kept) < n and set(planted.node_ids) <= set(kept.tolist())
+        assert set(kept.tolist()) <= set(order[:n].tolist()) and loss(kept) <= 0.3
+        for i in range(len(kept)):
+            assert loss(torch.cat([kept[:i], kept[i + 1:]])) > 0.3
+    refined = prune(model, hand_task(), means=means, steps=150, batch_size=32, lr=0.02, refine=True,
+                    progress=False)
+    assert refined.node_ids == planted.node_ids and refined.solved  # nothing redundant to drop there
