@@ -356,6 +356,7 @@ def test_a_run_snapshot_serves_as_a_model_with_the_loss_evaluated_at_its_step(tm
     at_10 = [h["val_loss"] for h in state["history"] if h["step"] == 10 and h.get("val_loss") is not None]
     snapshot = existing_model(run / "snapshots" / "step-000010", tmp_path)
     assert [snapshot.val_loss] == at_10 and snapshot.history[-1]["step"] == 10
+    assert snapshot.spec.name == "tiny-snapshots-step-000010"  # named after its run
     result = analyses.run("circuit-size", tmp_path / "out", tmp_path / "unused", quick=True,
                           target_loss=LOOSE, sparse_model=str(run),
                           dense_model=str(run / "snapshots" / "step-000010"))

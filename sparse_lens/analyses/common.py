@@ -118,7 +118,8 @@ def existing_model(where: str | Path, models_dir: Path) -> TrainedModel:
     train = {k: tuple(v) if isinstance(v, list) else v for k, v in record["train_config"].items()}
     model = SparseHookedTransformer.from_pretrained(path)
     model.eval()
-    spec = ModelSpec(path.name, record.get("preset", "small"), train=train)
+    name = path.name if snapshot_step is None else f"{path.parent.parent.name}-{path.name}"
+    spec = ModelSpec(name, record.get("preset", "small"), train=train)
     return TrainedModel(spec, model, path, val_loss, list(record.get("history", [])), float("nan"))
 
 
