@@ -249,8 +249,9 @@ SUBCOMMANDS = {
               "Prune a model to the smallest set of nodes that solves a task, everything else "
               "mean-ablated; save each circuit and a summary table."),
     "demo": (cmd_demo, add_demo_flags, "the wide model (shipped, or --retrain), prune tasks, write the report",
-             "The main job: take the small weight-sparse model (the checkpoint shipped in the package, "
-             "made by `sparse-lens train`; or, with --retrain, train it on the standard library), prune "
+             "The main job: take the wide weight-sparse model (the checkpoint shipped in the package, "
+             "made by `sparse-lens train`; or, with --retrain, train it on the standard library; "
+             "--preset small takes the smaller one), prune "
              "a handful of tasks, verify the circuits and write a self-contained HTML report. A model "
              "already in --out is reused."),
     "faithfulness": (cmd_faithfulness, add_faithfulness_flags, "check whether circuits can be trusted "
