@@ -225,14 +225,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sparse_lens.demo import DEMO_TARGET_LOSS, DEMO_TASKS, run_demo
+    from sparse_lens.demo import DEMO_PRESET, DEMO_TARGET_LOSS, DEMO_TASKS, run_demo
     from sparse_lens.tasks import get_spec
 
     tasks = tuple(args.tasks or DEMO_TASKS)
     for task in tasks:
         get_spec(task)
-    out = args.out or Path("runs") / args.preset
-    run_demo(out, args.preset, tasks, args.steps, progress=not args.no_progress,
+    preset = args.preset or DEMO_PRESET
+    out = args.out or Path("runs") / preset
+    run_demo(out, preset, tasks, args.steps, progress=not args.no_progress,
              retrain=args.retrain, target_loss=DEMO_TARGET_LOSS if args.target_loss is None else args.target_loss)
     return 0
 

@@ -72,7 +72,7 @@ def add_prune_flags(p: argparse.ArgumentParser) -> None:
 
 def add_demo_flags(d: argparse.ArgumentParser) -> None:
     d.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>)")
-    d.add_argument("--preset", default="wide",
+    d.add_argument("--preset", default=None,
                    help="wide (default) or small: the checkpoint shipped for it is used")
     d.add_argument("--steps", type=int, default=None,
                    help="training steps (default: those of the shipped checkpoint, 20000 for wide)")

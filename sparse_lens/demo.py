@@ -27,6 +27,8 @@ import pandas as pd
 #: paper's bracket-depth task is not among them: neither model counts brackets (full-model task
 #: loss 0.75 and 2.1); `--tasks bracket_counting` reports it as not solved.
 DEMO_TASKS: tuple[str, ...] = ("single_double_quote", "bracket_brace", "for_while", "indent_for")
+#: The preset the demo runs on by default (`--preset`).
+DEMO_PRESET = "wide"
 #: The task loss the demo's circuits must reach: the paper's criterion.
 DEMO_TARGET_LOSS = 0.15
 #: the report's neuron views show snippets from the validation stream of this many standard-library files
@@ -38,8 +40,8 @@ SECONDS_PER_STEP = {"small": 0.4, "wide": 1.1}
 
 
 def run_demo(
-    out_dir: str | Path = "runs/wide",
-    preset: str = "wide",
+    out_dir: str | Path = f"runs/{DEMO_PRESET}",
+    preset: str = DEMO_PRESET,
     tasks: tuple[str, ...] = DEMO_TASKS,
     steps: int | None = None,
     progress: bool = True,
@@ -165,7 +167,7 @@ def get_model(out_dir: Path, preset: str, steps: int | None, progress: bool = Tr
     made = pretrained.shipped_provenance_of(out_dir)
     if made is not None:
         print(f"      it was {pretrained.describe_record(made)}")
-        flag = "" if preset == "small" else f" --preset {preset}"
+        flag = "" if preset == DEMO_PRESET else f" --preset {preset}"
         print(f"      `sparse-lens demo{flag} --retrain` trains it from scratch instead ({made['steps']} "
               f"steps, about {made['steps'] * SECONDS_PER_STEP.get(preset, 0.4) / 60:.0f} minutes "
               "on 2 CPU cores)")

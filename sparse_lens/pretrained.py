@@ -21,7 +21,8 @@ no tokenizer: the shipped one (`sparse_lens.tokenizer`), which `pack` checks the
 
 Maintainers ship a new one with `python -m sparse_lens.pretrained RUN_DIR NAME --command "..."`
 (`--git-commit SHA` when the run was trained at another commit than the tree holding it; see
-`pack`); `sparse-lens demo` starts from `small` when its run directory has no model yet.
+`pack`); `sparse-lens demo` starts from the checkpoint of its preset (`wide` by default) when
+its run directory has no model yet.
 """
 
 from __future__ import annotations

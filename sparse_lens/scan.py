@@ -172,8 +172,9 @@ def drop_redundant(model, masker, data, kept: torch.Tensor, registry: NodeRegist
             kept.remove(tried[hit])
             dropped = True
             start += hit + 1
-    masker.mask = mask_of(kept)  # back to one mask for every row
-    if pair_loss(final_logit_pairs(model, data, masker, mask_of(kept))) > target:
+    final = mask_of(kept)
+    masker.mask = final  # back to one mask for every row
+    if pair_loss(final_logit_pairs(model, data, masker, final)) > target:
         return given  # passed in the scan's summation order only: a float tie, keep the prefix
     return torch.tensor(kept, dtype=torch.long)
 

@@ -15,8 +15,8 @@ import dataclasses
 import json
 import math
 import platform
-import shlex
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
