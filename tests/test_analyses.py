@@ -169,7 +169,8 @@ def test_the_cli_runs_an_analysis_and_rejects_unknown_ones(outputs, tmp_path, ca
 def test_each_analysis_declares_its_options_and_all_gives_each_its_own(monkeypatch, tmp_path, capsys):
     from sparse_lens.cli import build_parser, main
 
-    assert analyses.option_names("dilution") == {"target_loss", "preset", "n_prompts", "max_extra", "k_fit"}
+    assert analyses.option_names("dilution") == {"target_loss", "preset", "model", "n_prompts", "max_extra",
+                                                   "k_fit"}
     assert analyses.option_names("kurtosis") == {"widths", "l0s", "steps", "n_batches", "models"}
     args = build_parser().parse_args(["analyze", "dilution", "--n-prompts", "4", "--quick"])
     assert (args.n_prompts, args.quick) == (4, True) and not hasattr(args, "target_loss")

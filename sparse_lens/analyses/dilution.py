@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from sparse_lens.analyses.common import (
-    AnalysisResult, ModelSpec, circuits_dir, option, prune_tasks, settings_dict, target_loss_option,
-    train_model, write_outputs,
+    AnalysisResult, ModelSpec, circuits_dir, existing_model, option, prune_tasks, settings_dict,
+    target_loss_option, train_model, write_outputs,
 )
 
 NAME = "dilution"
@@ -65,6 +65,9 @@ def fit_inverse_length(lengths, values) -> tuple[float, float, float]:
 def add_arguments(parser) -> None:
     target_loss_option(parser)
     option(parser, "--preset", help="model preset (default small)")
+    option(parser, "--model", help="use this model instead of training the preset: a packed model "
+           "directory, a training run, a run's snapshot (<run>/snapshots/step-N) or a shipped "
+           "checkpoint's name (wide, small)")
     option(parser, "--n-prompts", type=int, help="test prompts ending inside an inner list (default 64)")
     option(parser, "--max-extra", type=int, help="most items appended to each prompt (default 40)")
     option(parser, "--k-fit", type=int, help="the fit a + b/L uses the lengths with <= this many "
@@ -73,11 +76,12 @@ def add_arguments(parser) -> None:
 
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False, target_loss: float = 0.15,
         preset: str = "small", n_prompts: int | None = None, max_extra: int | None = None,
-        k_fit: int = 3, progress: bool = False) -> AnalysisResult:
+        k_fit: int = 3, model: str | Path | None = None, progress: bool = False) -> AnalysisResult:
     from sparse_lens.circuit import Circuit
     from sparse_lens.tasks.generation import generate_examples
 
-    trained = train_model(ModelSpec(preset, preset), Path(models_dir), quick, progress)
+    trained = (existing_model(model, Path(models_dir)) if model is not None
+               else train_model(ModelSpec(preset, preset), Path(models_dir), quick, progress))
     model = trained.model
     pruned = prune_tasks(trained, [TASK], target_loss, quick, progress).iloc[0]
     circuit = Circuit.load(circuits_dir(trained, target_loss) / TASK, model)
