@@ -3,8 +3,8 @@
 One run times four training steps (`training.train_step`: forward, backward, gradient RMS
 rescale, AdamW, projection, under `deterministic_algorithms()` as `train` runs them on CPU):
 the weight-sparse model and its dense counterpart (weight_l0 = 1, no projection), each with
-the reference kernels ("old": topk + scatter AbsTopK, TransformerLens attention; selected with
-`kernels.reference_kernels()`) and the fast ones ("new"). Every repetition runs the four steps
+the reference kernels ("old": topk + scatter AbsTopK, TransformerLens attention, AdamW's
+per-parameter loop; selected with `kernels.reference_kernels()`) and the fast ones ("new"). Every repetition runs the four steps
 and one pass of the step's own matmuls in turn (A/B/A/B), so that other processes on the
 machine slow all of them alike; the figures are medians over repetitions.
 
@@ -92,6 +92,7 @@ def make_gemm_pass(gemms: list[tuple[int, int, int, int]]) -> Callable[[], None]
 def build_runs(cfg, tc, device: str) -> dict[str, tuple]:
     """label -> (model, optimizer, l0, use_reference_kernels) for sparse/dense x old/new, each
     from the same seed so old and new start from the same weights."""
+    from sparse_lens.kernels import reference_kernels
     from sparse_lens.model import SparseHookedTransformer
     from sparse_lens.training import make_optimizer
 
@@ -101,8 +102,9 @@ def build_runs(cfg, tc, device: str) -> dict[str, tuple]:
             torch.manual_seed(0)
             model = SparseHookedTransformer(model_cfg, move_to_device=True)
             model.project_weights_(model_cfg.weight_l0)
-            runs[f"{kind} {version}"] = (model, make_optimizer(model, tc), model_cfg.weight_l0,
-                                         version == "old")
+            with reference_kernels(version == "old"):  # old: AdamW's per-parameter loop
+                optimizer = make_optimizer(model, tc)
+            runs[f"{kind} {version}"] = (model, optimizer, model_cfg.weight_l0, version == "old")
     return runs
 
 

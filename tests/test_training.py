@@ -1,5 +1,6 @@
 """Training: it learns real code, resumes bitwise, stops cleanly on NaN, trains the dense baseline."""
 
+import json
 import math
 
 import pytest
@@ -309,3 +310,40 @@ def test_optimizer_state_round_trips_whatever_its_keys():
         for p in model.parameters():
             for key, value in optimizer.state[p].items():
                 assert torch.equal(fresh.state[p][key], value), key
+
+
+def test_fused_adamw_steps_like_the_per_parameter_loop(corpus):
+    cfg, tc = tiny_cfg(weight_l0=1 / 8), short()
+    models, losses = [], []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = SparseHookedTransformer(cfg)
+        model.project_weights_(cfg.weight_l0)
+        optimizer = training.make_optimizer(model, tc, fused=fused)
+        assert training.is_fused(optimizer) is fused
+        with training.deterministic_algorithms(True):
+            losses.append([training.train_step(model, optimizer, data.sample_batch(
+                corpus.train, tc.batch_size, tc.seq_len, step, seed=0), tc.lr, cfg.weight_l0, tc)
+                for step in range(5)])
+        models.append(model)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+        assert torch.equal(a != 0, b != 0), name  # the same weights kept by the projection
+
+
+def test_a_run_resumes_with_the_adamw_it_was_saved_with(corpus, tmp_path):
+    from sparse_lens.kernels import reference_kernels
+    from sparse_lens.training.rundir import load_run
+
+    cfg, tc = tiny_cfg(), short(steps=10)
+    train(cfg, tc, tmp_path / "new", corpus=corpus, progress=False)
+    with reference_kernels():  # the per-parameter loop, as every run before the fused AdamW
+        train(cfg, tc, tmp_path / "old", corpus=corpus, progress=False)
+    state_file = tmp_path / "old" / "training" / "state.json"
+    state = checkpoint.read_json(state_file)
+    assert state.pop("fused_adamw") is False
+    state_file.write_text(json.dumps(state))  # as runs written before the record existed
+    for run, fused in (("new", True), ("old", False)):
+        _, optimizer, step, _ = load_run(tmp_path / run, cfg, tc, "cpu")
+        assert (training.is_fused(optimizer), step) == (fused, 10)

@@ -199,7 +199,8 @@ def _resumed_job(dense, sparse, config: BridgeTrainConfig, out_dir: Path):
     if diffs:
         raise ValueError(f"cannot resume {out_dir}: the configs differ from the checkpoint's: "
                          + "; ".join(diffs))
-    job = BridgedJob(dense, saved_sparse, bridges, config, out_dir)
+    job = BridgedJob(dense, saved_sparse, bridges, config, out_dir,
+                     fused=bool(state.get("fused_adamw", False)))  # the AdamW the run used
     saving.load_optimizer(saved_sparse, bridges, out_dir, job.optimizer, state)
     return job, int(state["step"]), list(state["history"])
 
@@ -209,12 +210,12 @@ class BridgedJob:
     own LR and gradient rescale, the bridged evaluation and checkpoints."""
 
     def __init__(self, dense, sparse: SparseHookedTransformer, bridges: Bridges,
-                 config: BridgeTrainConfig, out_dir: Path):
+                 config: BridgeTrainConfig, out_dir: Path, fused: bool | None = None):
         self.dense, self.sparse, self.bridges, self.config, self.out_dir = dense, sparse, bridges, config, out_dir
         self.model, self.target_l0 = sparse, sparse.cfg.weight_l0
         self.val_batches: list[torch.Tensor] = []
         tc = config.train
-        self.optimizer = make_optimizer(sparse, tc)
+        self.optimizer = make_optimizer(sparse, tc, fused)
         self.n_sparse_groups = len(self.optimizer.param_groups)
         for params, decay in (([p for p in bridges.parameters() if p.ndim >= 2], tc.weight_decay),
                               ([p for p in bridges.parameters() if p.ndim < 2], 0.0)):

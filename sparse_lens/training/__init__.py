@@ -9,7 +9,8 @@ Choices (the paper's, unless said):
 - L0 annealed from 1 (dense) to the target: dense for the first `dense_frac` of steps, linear to
   the target by `anneal_end_frac` (see `sparsity.l0_at_step`).
 - LR "sharkfin": base x linear warmup-then-decay x 1/sqrt(L0(step)) (`sparsity.lr_at_step`).
-- AdamW, betas (0.9, 0.95), eps 0.1, weight decay 0.1 on matrices only.
+- AdamW, betas (0.9, 0.95), eps 0.1, weight decay 0.1 on matrices only (PyTorch's fused kernels
+  where they run; a run resumes with the implementation it was saved with).
 - Gradient RMS: the paper says "clip at 1", the reference code always rescales to RMS 1. We
   rescale by default (`grad_rms_mode="rescale"`): with eps = 0.1 an unnormalised gradient of
   small RMS would make Adam's update vanish, so the large eps only makes sense with it. "clip"
@@ -57,14 +58,14 @@ from sparse_lens.training.rundir import (
     read_trainer_state, saved_configs, write_trainer_state,
 )
 from sparse_lens.training.step import (
-    autocast, corpus_for, deterministic_algorithms, evaluate, make_optimizer, rescale_grad_rms_,
-    train_step,
+    autocast, corpus_for, deterministic_algorithms, evaluate, is_fused, make_optimizer,
+    rescale_grad_rms_, train_step,
 )
 
 __all__ = [
     "AUTOCAST_DTYPES", "DERIVED_FILES", "Job", "Loop", "NonFiniteLossError", "SNAPSHOTS_DIR",
     "TRAINING_DIR", "TrainConfig", "TrainResult", "TrainingInterrupted", "autocast", "corpus_for",
-    "deterministic_algorithms", "evaluate", "load_optimizer_state", "make_optimizer",
+    "deterministic_algorithms", "evaluate", "is_fused", "load_optimizer_state", "make_optimizer",
     "optimizer_tensors", "read_trainer_state", "rescale_grad_rms_", "run_loop", "saved_configs",
     "seeded_model", "train", "train_step", "write_trainer_state",
 ]

