@@ -58,10 +58,12 @@ def flag_name(field_name: str) -> str:
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, fields: Iterable[str] | None = None, *,
                      exclude: Iterable[str] = (), help: dict[str, str] | None = None,
-                     choices: dict[str, Iterable] | None = None) -> list[str]:
+                     choices: dict[str, Iterable] | None = None, show_defaults: bool = True) -> list[str]:
     """Add a flag for each field of dataclass `cls` (those named in `fields`, in that order;
     default every field but `exclude`); returns the field names. `help` and `choices` by field
-    name. A field whose type has no flag form raises TypeError (name it in `exclude`)."""
+    name; `show_defaults=False` leaves the dataclass's defaults out of the help (where something
+    else, such as a preset, decides). A field whose type has no flag form raises TypeError (name
+    it in `exclude`)."""
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     names = list(fields) if fields is not None else [n for n in by_name if n not in set(exclude)]
     hints, comments = typing.get_type_hints(cls), field_comments(cls)
@@ -73,7 +75,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, fields: Iterabl
             field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
         shown = "none" if default is None else " ".join(map(str, default)) \
             if isinstance(default, (tuple, list)) else default
-        text = f"{text} (default: {shown})" if text else f"default: {shown}"
+        if show_defaults:
+            text = f"{text} (default: {shown})" if text else f"default: {shown}"
         kwargs = _argument_kwargs(cls, name, hints[name])
         if name in choices:
             kwargs["choices"] = list(choices[name])

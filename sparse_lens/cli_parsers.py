@@ -19,13 +19,15 @@ MODEL_SHAPE_HELP = {"weight_l0": "fraction of nonzeros per matrix (default: the 
 
 
 def add_train_flags(t: argparse.ArgumentParser) -> None:
-    from sparse_lens.config import SparseHookedTransformerConfig
+    from sparse_lens.config import PRESETS, SparseHookedTransformerConfig
     from sparse_lens.training import TrainConfig
 
-    t.add_argument("--preset", default=None, help="model preset: tiny, small, paper (default small)")
+    t.add_argument("--preset", default=None,
+                   help=f"model preset: {', '.join(PRESETS)} (default small)")
     t.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>[-dense])")
     t.add_argument("--dense", action="store_true", help="train the dense baseline (weight_l0 = 1)")
-    add_config_flags(t, SparseHookedTransformerConfig, MODEL_SHAPE_FIELDS, help=MODEL_SHAPE_HELP)
+    add_config_flags(t, SparseHookedTransformerConfig, MODEL_SHAPE_FIELDS, help=MODEL_SHAPE_HELP,
+                     show_defaults=False)
     add_config_flags(t, TrainConfig, choices=dict(dtype=("float32", "bf16"), anneal_kind=(
         "linear", "exponential"), grad_rms_mode=("rescale", "clip")), help=TRAIN_HELP)
     t.add_argument("--resume", action="store_true",
