@@ -4,9 +4,10 @@ One run times four training steps (`training.train_step`: forward, backward, gra
 rescale, AdamW, projection, under `deterministic_algorithms()` as `train` runs them on CPU):
 the weight-sparse model and its dense counterpart (weight_l0 = 1, no projection), each with
 the reference kernels ("old": topk + scatter AbsTopK, TransformerLens attention, AdamW's
-per-parameter loop; selected with `kernels.reference_kernels()`) and the fast ones ("new"). Every repetition runs the four steps
-and one pass of the step's own matmuls in turn (A/B/A/B), so that other processes on the
-machine slow all of them alike; the figures are medians over repetitions.
+per-parameter loop; selected with `kernels.reference_kernels()`) and the fast ones ("new").
+Every repetition runs the four steps and one pass of the step's own matmuls in turn (A/B/A/B),
+so that other processes on the machine slow all of them alike; the figures are medians over
+repetitions.
 
     .venv/bin/python benchmarks/bench_training.py                 # small preset, 8 x 128, 2 threads
     .venv/bin/python benchmarks/bench_training.py --preset tiny --reps 5 --no-passes

@@ -49,7 +49,7 @@ from sparse_lens.training import (
     rescale_grad_rms_, run_loop, seeded_model,
 )
 from sparse_lens.training.run import check_vocabulary
-from sparse_lens.training.rundir import config_diffs
+from sparse_lens.training.rundir import config_diffs, saved_fused_adamw
 
 
 @dataclass(kw_only=True)
@@ -200,7 +200,7 @@ def _resumed_job(dense, sparse, config: BridgeTrainConfig, out_dir: Path):
         raise ValueError(f"cannot resume {out_dir}: the configs differ from the checkpoint's: "
                          + "; ".join(diffs))
     job = BridgedJob(dense, saved_sparse, bridges, config, out_dir,
-                     fused=bool(state.get("fused_adamw", False)))  # the AdamW the run used
+                     fused=saved_fused_adamw(state))
     saving.load_optimizer(saved_sparse, bridges, out_dir, job.optimizer, state)
     return job, int(state["step"]), list(state["history"])
 

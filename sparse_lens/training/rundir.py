@@ -107,6 +107,12 @@ def write_trainer_state(folder: Path, model: torch.nn.Module, optimizer: torch.o
     (folder / state_file).write_text(json.dumps(state, indent=1))
 
 
+def saved_fused_adamw(state: dict[str, Any]) -> bool:
+    """Whether the run whose state JSON is `state` used the fused AdamW (`write_trainer_state`
+    records it; runs from before the record used the per-parameter loop)."""
+    return bool(state.get("fused_adamw", False))
+
+
 def read_trainer_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        state: dict[str, Any]) -> None:
     """Load into `optimizer` what `write_trainer_state` wrote in `folder` (`state`: its JSON)."""
@@ -170,7 +176,6 @@ def load_run(out_dir: Path, model_cfg: SparseHookedTransformerConfig, tc: TrainC
     if diffs:
         raise ValueError(f"cannot resume {out_dir}: the configs differ from the checkpoint's: "
                          + "; ".join(diffs))
-    # the AdamW implementation the run was saved with (runs from before the fused one: the loop)
-    optimizer = make_optimizer(model, tc, fused=bool(state.get("fused_adamw", False)))
+    optimizer = make_optimizer(model, tc, fused=saved_fused_adamw(state))
     read_trainer_state(out_dir / TRAINING_DIR, model, optimizer, state)
     return model, optimizer, int(state["step"]), list(state["history"])
