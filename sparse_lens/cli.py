@@ -214,7 +214,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for task in given.get("tasks") or ():
         get_spec(task)
     names = [args.analysis] if args.analysis != "all" else \
-        [n for n in analyses.ANALYSES if n != "learning-curves" or "runs" in given or args.quick]
+        [n for n in analyses.ANALYSES if n not in analyses.RUN_ANALYSES or "runs" in given or args.quick]
     for name in names:
         mine = analyses.option_names(name)
         result = analyses.run(name, args.out, args.models_dir, quick=args.quick, progress=not args.no_progress,

@@ -326,6 +326,37 @@ def test_learning_curves_reuse_saved_snapshot_evaluations_and_carry_earlier_runs
     assert "`gone-run`" in merged.summary
 
 
+@pytest.mark.slow
+def test_circuit_curves_prune_every_snapshot_and_reuse_the_saved_circuits(tmp_path, monkeypatch):
+    """A tiny run with two snapshots: one row per (snapshot, task), each row the circuit saved
+    beside its snapshot, with the validation loss the run evaluated there; a second run with the
+    same settings reads the circuits back and prunes nothing."""
+    from sparse_lens import pruning
+    from sparse_lens.circuit import Circuit
+    from sparse_lens.model import SparseHookedTransformer
+
+    first = analyses.run("circuit-curves", tmp_path / "out", tmp_path / "models", quick=True, target_loss=2.0)
+    table = first.table
+    assert list(table.step) == [10, 20] and set(table.task) == {"single_double_quote"}
+    assert list(table.tokens) == [10 * 4 * 32, 20 * 4 * 32]
+    run = tmp_path / "models" / "tiny-snapshots"
+    state = json.loads((run / "training" / "state.json").read_text())
+    evaluated = {h["step"]: h["val_loss"] for h in state["history"] if h.get("val_loss") is not None}
+    assert list(table.val_loss) == [evaluated[10], evaluated[20]]
+    assert table.solved.astype(bool).all()  # the tiny model's task loss is under 2 nats
+    for row in table.itertuples():
+        snapshot = run / "snapshots" / f"step-{row.step:06d}"
+        circuit = Circuit.load(snapshot / "circuits" / "target2" / row.task,
+                               SparseHookedTransformer.from_pretrained(snapshot))
+        assert circuit.n_nodes == row.nodes
+    assert (first.folder / "circuit_curves.png").stat().st_size > 0
+    assert "solved at 2 of 2 snapshots" in first.summary
+
+    monkeypatch.setattr(pruning, "prune", lambda *a, **k: pytest.fail("pruned again"))
+    again = analyses.run("circuit-curves", tmp_path / "again", tmp_path / "models", quick=True, target_loss=2.0)
+    pd.testing.assert_frame_equal(again.table, table)
+
+
 def test_the_shipped_model_as_the_sparse_side_gets_a_dense_baseline_with_its_settings(tmp_path):
     """`--sparse-model small`: the shipped checkpoint, written as a model directory once, with the
     validation loss and training settings of its provenance; the dense baseline shares the

@@ -6,6 +6,7 @@
     sparse-lens analyze frontier --out results              # loss vs circuit size, the frontier
     sparse-lens analyze dilution --out results              # bracket_counting context dilution
     sparse-lens analyze learning-curves --runs RUN ...      # task loss of each training snapshot
+    sparse-lens analyze circuit-curves --runs RUN ...       # circuit size of each training snapshot
     sparse-lens analyze all --quick --out /tmp/r            # minutes, tiny models (the tests)
 
 or `sparse_lens.analyses.run("kurtosis", out_dir, models_dir, quick=True)`, which returns an
@@ -31,6 +32,7 @@ ANALYSES: dict[str, str] = {
     "frontier": "sparse_lens.analyses.frontier",
     "dilution": "sparse_lens.analyses.dilution",
     "learning-curves": "sparse_lens.analyses.learning_curves",
+    "circuit-curves": "sparse_lens.analyses.circuit_curves",
 }
 #: analysis name -> what it shows (its line in `sparse-lens analyze --help`)
 ABOUT: dict[str, str] = {
@@ -39,8 +41,11 @@ ABOUT: dict[str, str] = {
     "frontier": "pretraining loss against circuit size, and the Pareto frontier",
     "dilution": "bracket_counting's context dilution, and the flip length the circuit predicts",
     "learning-curves": "task loss of each training snapshot of --runs",
-    "all": "every analysis (learning-curves with --runs or --quick)",
+    "circuit-curves": "circuit size at the target loss of each training snapshot of --runs",
+    "all": "every analysis (learning-curves and circuit-curves with --runs or --quick)",
 }
+#: the analyses of training runs' snapshots: `analyze all` runs them only with --runs or --quick
+RUN_ANALYSES = ("learning-curves", "circuit-curves")
 #: the options every analysis takes (the others are its own)
 COMMON_OPTIONS = ("out", "models_dir", "quick", "no_progress")
 
@@ -78,4 +83,4 @@ def option_names(name: str) -> set[str]:
     return {a.dest for a in parser._actions}
 
 
-__all__ = ["ABOUT", "ANALYSES", "COMMON_OPTIONS", "add_arguments", "module", "option_names", "run"]
+__all__ = ["ABOUT", "ANALYSES", "COMMON_OPTIONS", "RUN_ANALYSES", "add_arguments", "module", "option_names", "run"]

@@ -268,6 +268,11 @@ def tasks_option(parser: argparse.ArgumentParser) -> None:
     option(parser, "--tasks", nargs="+", help="tasks to prune or evaluate (default: the analysis's)")
 
 
+def runs_option(parser: argparse.ArgumentParser) -> None:
+    option(parser, "--runs", nargs="+", type=Path,
+           help="learning-curves, circuit-curves: run directories trained with --snapshot-every")
+
+
 def sweep_options(parser: argparse.ArgumentParser) -> None:
     """The width x weight-L0 sweep's options (kurtosis, frontier)."""
     option(parser, "--widths", nargs="+", type=int, help=f"d_model of the sweep (default {SWEEP_WIDTHS})")

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from sparse_lens.analyses.common import AnalysisResult, option, settings_dict, tasks_option, write_outputs
+from sparse_lens.analyses.common import (
+    AnalysisResult, option, runs_option, settings_dict, tasks_option, write_outputs,
+)
 
 NAME = "learning_curves"
 SOLVED_LOSS = 0.15
@@ -119,8 +121,7 @@ def per_snapshot(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def add_arguments(parser) -> None:
-    option(parser, "--runs", nargs="+", type=Path,
-           help="learning-curves: run directories trained with --snapshot-every")
+    runs_option(parser)
     tasks_option(parser)
     option(parser, "--n", type=int, help="learning-curves: examples per task and level (default 128)")
     option(parser, "--previous", type=Path, help="learning-curves: an earlier learning_curves.csv "
@@ -134,7 +135,7 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
     snapshots into `models_dir` first and evaluates two tasks on a few examples. `previous`: an
     earlier `learning_curves.csv`, whose rows of other runs are kept."""
     if quick:
-        runs = [_quick_run(Path(models_dir), progress)]
+        runs = [quick_run(Path(models_dir), progress)]
         tasks, n = tasks or QUICK_TASKS, n or 16
     if not runs:
         raise ValueError("learning-curves needs --runs: run directories trained with --snapshot-every")
@@ -158,7 +159,8 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
                          more_tables={"per_snapshot.csv": summary_table})
 
 
-def _quick_run(models_dir: Path, progress: bool) -> Path:
+def quick_run(models_dir: Path, progress: bool) -> Path:
+    """A tiny run with snapshots at steps 10 and 20 (what `--quick` analyses of runs use)."""
     from sparse_lens.config import SparseHookedTransformerConfig
     from sparse_lens.training import TrainConfig, train
 
