@@ -355,6 +355,11 @@ def test_circuit_curves_prune_every_snapshot_and_reuse_the_saved_circuits(tmp_pa
     monkeypatch.setattr(pruning, "prune", lambda *a, **k: pytest.fail("pruned again"))
     again = analyses.run("circuit-curves", tmp_path / "again", tmp_path / "models", quick=True, target_loss=2.0)
     pd.testing.assert_frame_equal(again.table, table)
+    only_20 = analyses.run("circuit-curves", tmp_path / "every", tmp_path / "models", quick=True,
+                           target_loss=2.0, every=20)
+    pd.testing.assert_frame_equal(only_20.table, table[table.step == 20].reset_index(drop=True))
+    with pytest.raises(ValueError, match="no snapshot at a multiple of 7"):
+        analyses.run("circuit-curves", tmp_path / "none", tmp_path / "models", quick=True, every=7)
 
 
 def test_the_shipped_model_as_the_sparse_side_gets_a_dense_baseline_with_its_settings(tmp_path):

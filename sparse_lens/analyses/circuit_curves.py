@@ -30,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from sparse_lens.analyses.common import (
-    AnalysisResult, existing_model, prune_tasks, runs_option, settings_dict, target_loss_option,
+    AnalysisResult, existing_model, option, prune_tasks, runs_option, settings_dict, target_loss_option,
     tasks_option, write_outputs,
 )
 
@@ -42,13 +42,16 @@ def add_arguments(parser) -> None:
     runs_option(parser)
     tasks_option(parser)
     target_loss_option(parser)
+    option(parser, "--every", type=int, help="circuit-curves: only the snapshots at multiples of "
+           "this many steps (default: every snapshot)")
 
 
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
         runs: Sequence[str | Path] | None = None, tasks: Sequence[str] | None = None,
-        target_loss: float = 0.15, progress: bool = False) -> AnalysisResult:
-    """Prune `tasks` (default: the demo's) on every snapshot of `runs` at `target_loss`; `quick`
-    trains the learning curves' tiny run with two snapshots into `models_dir` first."""
+        target_loss: float = 0.15, every: int | None = None, progress: bool = False) -> AnalysisResult:
+    """Prune `tasks` (default: the demo's) on every snapshot of `runs` at `target_loss` (`every`:
+    only those at multiples of so many steps); `quick` trains the learning curves' tiny run with
+    two snapshots into `models_dir` first."""
     from sparse_lens.analyses.learning_curves import quick_run
     from sparse_lens.demo import DEMO_TASKS
 
@@ -57,7 +60,9 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
     if not runs:
         raise ValueError("circuit-curves needs --runs: run directories trained with --snapshot-every")
     tasks = list(tasks or (QUICK_TASKS if quick else DEMO_TASKS))
-    table = pd.concat([run_circuits(r, tasks, target_loss, quick, progress) for r in runs],
+    if every is not None and every < 1:
+        raise ValueError(f"every must be >= 1 step; got {every}")
+    table = pd.concat([run_circuits(r, tasks, target_loss, every, quick, progress) for r in runs],
                       ignore_index=True)
     lines = []
     for (run_name, task), rows in table.groupby(["run", "task"], sort=False):
@@ -68,19 +73,23 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
                f"snapshot whose full model misses the target has no circuit):\n\n" + "\n".join(lines))
     return write_outputs(out_dir, NAME, table, _plot(table), summary, [],
                          settings_dict(quick=quick, runs=[str(r) for r in runs], tasks=tasks,
-                                       target_loss=target_loss))
+                                       target_loss=target_loss, every=every))
 
 
-def run_circuits(run_dir: str | Path, tasks: Sequence[str], target_loss: float, quick: bool = False,
-                 progress: bool = False) -> pd.DataFrame:
-    """The circuits of `tasks` on every snapshot of the run in `run_dir`; one row per (step, task)."""
+def run_circuits(run_dir: str | Path, tasks: Sequence[str], target_loss: float, every: int | None = None,
+                 quick: bool = False, progress: bool = False) -> pd.DataFrame:
+    """The circuits of `tasks` on every snapshot of the run in `run_dir` (`every`: at multiples of
+    so many steps); one row per (step, task)."""
     from sparse_lens.analyses.learning_curves import snapshots
     from sparse_lens.training import saved_configs
 
     model_cfg, tc = saved_configs(run_dir)
     seq_len = tc.seq_len or model_cfg.n_ctx
     tables = []
-    for step, path in snapshots(run_dir):
+    chosen = [(step, path) for step, path in snapshots(run_dir) if every is None or step % every == 0]
+    if not chosen:
+        raise ValueError(f"{run_dir} has no snapshot at a multiple of {every} steps")
+    for step, path in chosen:
         snapshot = existing_model(path, Path(run_dir))
         table = prune_tasks(snapshot, tasks, target_loss, quick, progress).drop(columns="model")
         table.insert(0, "run", Path(run_dir).name)
