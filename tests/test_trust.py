@@ -256,6 +256,25 @@ def test_node_means_come_from_the_corpus_the_model_records(model_dir, tmp_path, 
     torch.testing.assert_close(node_means_for(model, path, n_tokens=256), expected)  # from the cache
 
 
+def test_a_run_snapshot_takes_its_means_from_the_corpus_its_run_records(model_dir, tmp_path, monkeypatch):
+    """`<run>/snapshots/step-N` records no corpus itself: its run's `training/state.json` does."""
+    import shutil
+
+    from sparse_lens.data import load_corpus
+
+    monkeypatch.setenv("SPARSE_LENS_CACHE", str(tmp_path / "cache"))
+    path, model, _ = model_dir
+    run = tmp_path / "run"
+    snapshot = run / "snapshots" / "step-000010"
+    shutil.copytree(path, snapshot)
+    (snapshot / MEANS_FILE).unlink()
+    corpus = write_corpus(tmp_path / "corpus", seed=4)
+    record_corpus(run, [corpus], "training")
+    stream = load_corpus([corpus], model.tokenizer, val_fraction=0.25, cache_dir=False).train
+    expected = compute_node_means(model, NodeRegistry.for_model(model), stream, n_tokens=256)
+    torch.testing.assert_close(node_means_for(model, snapshot, n_tokens=256), expected, rtol=0, atol=0)
+
+
 def test_cached_means_of_another_corpus_are_recomputed(model_dir, tmp_path, monkeypatch):
     from sparse_lens.data import load_corpus
 

@@ -112,12 +112,17 @@ def _saved_digest(model_dir: str | Path) -> str | None:
 
 def recorded_corpus(model_dir: str | Path) -> tuple[dict[str, Any], Path] | None:
     """The corpus the model in `model_dir` was trained on, as its directory records it
-    (`CORPUS_RECORDS`): `{"sources", "val_fraction", "max_files"}` (sources None = the standard
-    library) and the file it came from; None when nothing is recorded."""
+    (`CORPUS_RECORDS`; a run's snapshot, `<run>/snapshots/step-N`, by its run's):
+    `{"sources", "val_fraction", "max_files"}` (sources None = the standard library) and the file
+    it came from; None when nothing is recorded."""
     from sparse_lens.checkpoint import read_json
+    from sparse_lens.training.rundir import SNAPSHOTS_DIR
 
-    for name in CORPUS_RECORDS:
-        record = Path(model_dir) / name
+    model_dir = Path(model_dir)
+    records = [model_dir / name for name in CORPUS_RECORDS]
+    if model_dir.parent.name == SNAPSHOTS_DIR:
+        records += [model_dir.parent.parent / name for name in CORPUS_RECORDS]
+    for record in records:
         if record.is_file():
             tc = read_json(record).get("train_config")
             if isinstance(tc, dict):
