@@ -14,9 +14,10 @@ later run with the same settings, so a run still training can be re-analysed as 
 appear and only the new ones cost time. A snapshot must be at a step where the run evaluated its
 validation loss. Writes:
 
-- `circuit_curves.csv`: one row per (run, step, task): tokens trained, validation loss, the
-  full-model and circuit task loss, solved, nodes and edges (empty where the full model misses
-  the target: nothing to prune);
+- `circuit_curves.csv`: one row per (run, step, task): tokens trained, the weight L0 the anneal
+  had reached (edges fall with it: fewer nonzero weights join the same nodes), validation loss,
+  the full-model and circuit task loss, solved, nodes and edges (empty where the full model
+  misses the target: nothing to prune);
 - `circuit_curves.png`: nodes and edges against tokens, one line per (run, task), solved
   snapshots only;
 - `summary.md`: per (run, task), the circuit's size at each solved snapshot.
@@ -80,6 +81,7 @@ def run_circuits(run_dir: str | Path, tasks: Sequence[str], target_loss: float, 
                  quick: bool = False, progress: bool = False) -> pd.DataFrame:
     """The circuits of `tasks` on every snapshot of the run in `run_dir` (`every`: at multiples of
     so many steps); one row per (step, task)."""
+    from sparse_lens import sparsity
     from sparse_lens.analyses.learning_curves import snapshots
     from sparse_lens.training import saved_configs
 
@@ -95,6 +97,8 @@ def run_circuits(run_dir: str | Path, tasks: Sequence[str], target_loss: float, 
         table.insert(0, "run", Path(run_dir).name)
         table.insert(1, "step", step)
         table.insert(2, "tokens", step * tc.batch_size * seq_len)
+        table.insert(3, "l0", sparsity.l0_at_step(step - 1, tc.steps, model_cfg.weight_l0, tc.dense_frac,
+                                                  tc.anneal_end_frac, tc.anneal_kind))
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
 
