@@ -113,8 +113,9 @@ def _plot(table: pd.DataFrame):
         rows = rows.sort_values("tokens")
         nodes_ax.plot(rows.tokens, rows.nodes.astype(float), marker="o", label=f"{run_name} {task}")
         edges_ax.plot(rows.tokens, rows.edges.astype(float), marker="o", label=f"{run_name} {task}")
-    nodes_ax.set(xlabel="tokens trained", ylabel="circuit nodes", title="nodes")
-    edges_ax.set(xlabel="tokens trained", ylabel="circuit edges", title="edges")
+    scale = "log" if (solved.edges.astype(float) > 0).all() else "linear"  # an empty circuit: linear
+    nodes_ax.set(xlabel="tokens trained", ylabel="circuit nodes", yscale=scale, title="nodes")
+    edges_ax.set(xlabel="tokens trained", ylabel="circuit edges", yscale=scale, title="edges")
     if len(solved):
         nodes_ax.legend(fontsize=7)
     return fig
