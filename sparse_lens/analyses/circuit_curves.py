@@ -81,24 +81,22 @@ def run_circuits(run_dir: str | Path, tasks: Sequence[str], target_loss: float, 
                  quick: bool = False, progress: bool = False) -> pd.DataFrame:
     """The circuits of `tasks` on every snapshot of the run in `run_dir` (`every`: at multiples of
     so many steps); one row per (step, task)."""
-    from sparse_lens import sparsity
-    from sparse_lens.analyses.learning_curves import snapshots
+    from sparse_lens.analyses.learning_curves import snapshots, tokens_and_l0
     from sparse_lens.training import saved_configs
 
     model_cfg, tc = saved_configs(run_dir)
-    seq_len = tc.seq_len or model_cfg.n_ctx
-    tables = []
     chosen = [(step, path) for step, path in snapshots(run_dir) if every is None or step % every == 0]
     if not chosen:
         raise ValueError(f"{run_dir} has no snapshot at a multiple of {every} steps")
+    tables = []
     for step, path in chosen:
         snapshot = existing_model(path, Path(run_dir))
         table = prune_tasks(snapshot, tasks, target_loss, quick, progress).drop(columns="model")
+        tokens, l0 = tokens_and_l0(step, model_cfg, tc)
         table.insert(0, "run", Path(run_dir).name)
         table.insert(1, "step", step)
-        table.insert(2, "tokens", step * tc.batch_size * seq_len)
-        table.insert(3, "l0", sparsity.l0_at_step(step - 1, tc.steps, model_cfg.weight_l0, tc.dense_frac,
-                                                  tc.anneal_end_frac, tc.anneal_kind))
+        table.insert(2, "tokens", tokens)
+        table.insert(3, "l0", l0)
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
 

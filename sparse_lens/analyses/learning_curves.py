@@ -56,13 +56,11 @@ def snapshots(run_dir: str | Path) -> list[tuple[int, Path]]:
 def run_curve(run_dir: str | Path, tasks: Sequence[str] | None = None,
               levels: Sequence[str] = ("core", "hard", "corpus"), n: int = 128) -> pd.DataFrame:
     """Evaluate every snapshot of the run in `run_dir`; one row per (step, task, level)."""
-    from sparse_lens import sparsity
     from sparse_lens.model import SparseHookedTransformer
     from sparse_lens.tasks import evaluate_levels
     from sparse_lens.training import saved_configs
 
     model_cfg, tc = saved_configs(run_dir)
-    seq_len = tc.seq_len or model_cfg.n_ctx
     val_at = _validation_losses(Path(run_dir))
     tables = []
     for step, path in snapshots(run_dir):
@@ -71,15 +69,24 @@ def run_curve(run_dir: str | Path, tasks: Sequence[str] | None = None,
             model = SparseHookedTransformer.from_pretrained(path)
             table = evaluate_levels(model, tasks, levels=levels, n=n, bigram=False)
             _save_evaluation(path, table, tasks, levels, n)
-        l0 = sparsity.l0_at_step(step - 1, tc.steps, model_cfg.weight_l0, tc.dense_frac,
-                                 tc.anneal_end_frac, tc.anneal_kind)
+        tokens, l0 = tokens_and_l0(step, model_cfg, tc)
         table.insert(0, "run", Path(run_dir).name)
         table.insert(1, "step", step)
-        table.insert(2, "tokens", step * tc.batch_size * seq_len)
+        table.insert(2, "tokens", tokens)
         table.insert(3, "l0", l0)
         table.insert(4, "val_loss", val_at.get(step, float("nan")))
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
+
+
+def tokens_and_l0(step: int, model_cfg, tc) -> tuple[int, float]:
+    """Tokens a run (`model_cfg`, its `TrainConfig` `tc`) had trained on after `step` steps, and
+    the weight L0 its anneal had reached there."""
+    from sparse_lens import sparsity
+
+    tokens = step * tc.batch_size * (tc.seq_len or model_cfg.n_ctx)
+    return tokens, sparsity.l0_at_step(step - 1, tc.steps, model_cfg.weight_l0, tc.dense_frac,
+                                       tc.anneal_end_frac, tc.anneal_kind)
 
 
 CACHE_TABLE, CACHE_SETTINGS = "task_levels.csv", "task_levels.json"
