@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import platform
-import re
 import shlex
 import sys
 import time
@@ -84,7 +83,7 @@ def existing_model(where: str | Path, models_dir: Path) -> TrainedModel:
     from sparse_lens import checkpoint, pretrained
     from sparse_lens.checkpoint import PROVENANCE_FILE
     from sparse_lens.model import SparseHookedTransformer
-    from sparse_lens.training.rundir import TRAINING_DIR
+    from sparse_lens.training.rundir import TRAINING_DIR, snapshot_of_run
 
     path = Path(where)
     if not path.is_dir() and str(where) in pretrained.available():
@@ -92,9 +91,9 @@ def existing_model(where: str | Path, models_dir: Path) -> TrainedModel:
         if not (path / PROVENANCE_FILE).is_file():
             pretrained.materialise(str(where), path)
     record_file, state_file = path / PROVENANCE_FILE, path / TRAINING_DIR / "state.json"
-    snapshot_step = _snapshot_step(path)
-    if snapshot_step is not None and not record_file.is_file():
-        record = checkpoint.read_json(path.parent.parent / TRAINING_DIR / "state.json")
+    run_dir, snapshot_step = snapshot_of_run(path) or (None, None)
+    if run_dir is not None and not record_file.is_file():
+        record = checkpoint.read_json(run_dir / TRAINING_DIR / "state.json")
         at_step = [h["val_loss"] for h in record.get("history", [])
                    if h.get("step") == snapshot_step and h.get("val_loss") is not None]
         if not at_step:
@@ -118,20 +117,9 @@ def existing_model(where: str | Path, models_dir: Path) -> TrainedModel:
     train = {k: tuple(v) if isinstance(v, list) else v for k, v in record["train_config"].items()}
     model = SparseHookedTransformer.from_pretrained(path)
     model.eval()
-    name = path.name if snapshot_step is None else f"{path.parent.parent.name}-{path.name}"
+    name = path.name if run_dir is None else f"{run_dir.name}-{path.name}"
     spec = ModelSpec(name, record.get("preset", "small"), train=train)
     return TrainedModel(spec, model, path, val_loss, list(record.get("history", [])), float("nan"))
-
-
-def _snapshot_step(path: Path) -> int | None:
-    """N if `path` is `<run>/snapshots/step-N` of a training run with its record, else None."""
-    from sparse_lens.training.rundir import TRAINING_DIR
-
-    match = re.fullmatch(r"step-(\d+)", path.name)
-    if match and path.parent.name == "snapshots" and \
-            (path.parent.parent / TRAINING_DIR / "state.json").is_file():
-        return int(match.group(1))
-    return None
 
 
 def sweep_or_existing(models, quick: bool, widths, l0s, steps, models_dir: Path,

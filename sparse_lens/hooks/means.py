@@ -116,12 +116,12 @@ def recorded_corpus(model_dir: str | Path) -> tuple[dict[str, Any], Path] | None
     `{"sources", "val_fraction", "max_files"}` (sources None = the standard library) and the file
     it came from; None when nothing is recorded."""
     from sparse_lens.checkpoint import read_json
-    from sparse_lens.training.rundir import SNAPSHOTS_DIR
+    from sparse_lens.training.rundir import snapshot_of_run
 
-    model_dir = Path(model_dir)
-    records = [model_dir / name for name in CORPUS_RECORDS]
-    if model_dir.parent.name == SNAPSHOTS_DIR:
-        records += [model_dir.parent.parent / name for name in CORPUS_RECORDS]
+    records = [Path(model_dir) / name for name in CORPUS_RECORDS]
+    snapshot = snapshot_of_run(model_dir)
+    if snapshot is not None:
+        records += [snapshot[0] / name for name in CORPUS_RECORDS]
     for record in records:
         if record.is_file():
             tc = read_json(record).get("train_config")

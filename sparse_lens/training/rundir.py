@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,17 @@ def write_trainer_state(folder: Path, model: torch.nn.Module, optimizer: torch.o
     state = dict(state, param_state=param_state, torch_version=torch.__version__,
                  torch_threads=torch.get_num_threads(), fused_adamw=is_fused(optimizer))
     (folder / state_file).write_text(json.dumps(state, indent=1))
+
+
+def snapshot_of_run(path: str | Path) -> tuple[Path, int] | None:
+    """(the run's directory, N) when `path` is `<run>/snapshots/step-N` of a training run with its
+    record (`<run>/training/state.json`), else None."""
+    path = Path(path)
+    match = re.fullmatch(r"step-(\d+)", path.name)
+    run_dir = path.parent.parent
+    if match and path.parent.name == SNAPSHOTS_DIR and (run_dir / TRAINING_DIR / "state.json").is_file():
+        return run_dir, int(match.group(1))
+    return None
 
 
 def saved_fused_adamw(state: dict[str, Any]) -> bool:
