@@ -30,7 +30,7 @@ RATIO_BAR = 1.2
 
 @contextmanager
 def timed(phases: dict, name: str, module, attr: str):
-    """Time every call of `module.attr` into `phases[name]` as [wall s, cpu s]."""
+    """Time every call of `module.attr` into `phases[name]` as [wall s, cpu s, calls]."""
     original = getattr(module, attr)
 
     def wrapper(*args, **kwargs):
@@ -38,9 +38,10 @@ def timed(phases: dict, name: str, module, attr: str):
         try:
             return original(*args, **kwargs)
         finally:
-            spent = phases.setdefault(name, [0.0, 0.0])
+            spent = phases.setdefault(name, [0.0, 0.0, 0])
             spent[0] += time.perf_counter() - wall
             spent[1] += time.process_time() - cpu
+            spent[2] += 1
 
     setattr(module, attr, wrapper)
     try:
@@ -49,16 +50,16 @@ def timed(phases: dict, name: str, module, attr: str):
         setattr(module, attr, original)
 
 
-def prune_once(model, task: str, target: float, steps: int, means) -> dict:
+def prune_once(model, task: str, target: float, steps: int, means, k_coef: float) -> dict:
     """One pruning run: its circuit and the seconds of each phase."""
     from sparse_lens import pruning, search
 
-    phases: dict[str, list[float]] = {}
-    config = pruning.PruneConfig(progress=False, steps=steps, target_loss=target)
+    phases: dict[str, list] = {}
+    config = pruning.PruneConfig(progress=False, steps=steps, target_loss=target, k_coef=k_coef)
     wall, cpu = time.perf_counter(), time.process_time()
     with timed(phases, "optimise", search, "_optimise_taus"), timed(phases, "search", search, "_search"):
         circuit = pruning.prune(model, task, config, means=means)
-    phases["total"] = [time.perf_counter() - wall, time.process_time() - cpu]
+    phases["total"] = [time.perf_counter() - wall, time.process_time() - cpu, 1]
     return dict(circuit=circuit, phases=phases, steps=steps)
 
 
@@ -69,7 +70,8 @@ def print_run(run: dict) -> None:
         print(f"  {run['steps']:>5} steps: the full model misses the target (loss "
               f"{c.losses['full_model']:.3f}); nothing pruned", flush=True)
         return
-    times = "  ".join(f"{k} {w:6.1f} s wall / {u:6.1f} s cpu" for k, (w, u) in p.items())
+    times = "  ".join(f"{k} {w:6.1f} s wall / {u:6.1f} s cpu" + (f" ({n} runs)" if n > 1 else "")
+                      for k, (w, u, n) in p.items())
     print(f"  {run['steps']:>5} steps: {c.n_nodes:5d} nodes {c.n_edges:6d} edges, circuit loss "
           f"{c.losses['circuit']:.3f} (full {c.losses['full_model']:.3f});  {times}", flush=True)
 
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="task:target pairs (a target the full model meets; default: the demo's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--factor", type=int, default=10, help="the longer run's step multiple")
+    parser.add_argument("--k-coef", type=float, default=None,
+                        help="node penalty of the mask optimisation (default: PruneConfig's)")
     parser.add_argument("--no-long", action="store_true", help="time the default budget only")
     parser.add_argument("--long-only", action="store_true", help="run the longer budget only")
     add_retain_flag(parser)
@@ -117,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
           f"mask state (tau, grad, 2 AdamW moments) / parameters = "
           f"{16 * registry.n_nodes / param_bytes:.4f}")
     steps = PruneConfig().steps
+    k_coef = PruneConfig().k_coef if args.k_coef is None else args.k_coef
+    print(f"k_coef {k_coef}; default budget {steps} mask-optimisation steps")
     for spec in args.tasks:
         task, _, target = spec.partition(":")
         target = float(target or PruneConfig().target_loss)
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{task} at target {target}:", flush=True)
         runs = []
         for budget in budgets:
-            runs.append(prune_once(model, task, target, budget, means))
+            runs.append(prune_once(model, task, target, budget, means, k_coef))
             print_run(runs[-1])
         print_ratio(runs)
         print(f"  load average now {os.getloadavg()[0]:.1f}", flush=True)
