@@ -53,7 +53,7 @@ class PruneConfig:
     """How to prune. Defaults suit the `small` preset on a 2-core CPU."""
 
     target_loss: float = 0.15  # mean binary CE over the two candidates, nats
-    k_coef: float = 3e-3  # penalty per kept node (1e-3 left circuits 1.2-1.8x larger, 1e-4 1.8-8.5x; README)
+    k_coef: float = 1e-3  # penalty per kept node (1e-4 left circuits 1.8-8.5x larger; 3e-3: the demo's, README)
     steps: int = 100
     batch_size: int = 32
     lr: float = 3e-2
