@@ -90,7 +90,7 @@ def run_circuits(run_dir: str | Path, tasks: Sequence[str], target_loss: float, 
         raise ValueError(f"{run_dir} has no snapshot at a multiple of {every} steps")
     tables = []
     for step, path in chosen:
-        snapshot = existing_model(path, Path(run_dir))  # a snapshot: no shipped name to write out
+        snapshot = existing_model(path, Path(run_dir))
         table = prune_tasks(snapshot, tasks, target_loss, quick, progress).drop(columns="model")
         tokens, l0 = tokens_and_l0(step, model_cfg, tc)
         table.insert(0, "run", Path(run_dir).name)
