@@ -20,19 +20,20 @@ import time
 import torch
 
 
-def phases_of_a_step(model, optimizer, tokens, l0: float, tc) -> dict[str, float]:
+def phases_of_a_step(model, optimizer, tokens, l0: float, tc, device: str = "cuda") -> dict[str, float]:
     """One training step (as `training.train_step` does it), timed per phase in seconds."""
     from sparse_lens.training import autocast, rescale_grad_rms_
 
     times = {}
 
     def mark(name, t0):
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         times[name] = time.perf_counter() - t0
         return time.perf_counter()
 
     t = time.perf_counter()
-    with autocast(tc.dtype, "cuda"):
+    with autocast(tc.dtype, device):
         loss = model(tokens, return_type="loss")
     t = mark("forward", t)
     optimizer.zero_grad(set_to_none=True)
@@ -46,33 +47,41 @@ def phases_of_a_step(model, optimizer, tokens, l0: float, tc) -> dict[str, float
     return times
 
 
-def bench(preset: str, dtype: str, batch_size: int, steps: int, warmup: int) -> None:
+def bench(preset: str, dtype: str, batch_size: int, steps: int, warmup: int,
+          device: str = "cuda") -> dict[str, float]:
+    """Times `steps` training steps after `warmup`; prints and returns the median seconds per phase."""
     from sparse_lens.config import SparseHookedTransformerConfig
     from sparse_lens.model import SparseHookedTransformer
     from sparse_lens.training import TrainConfig, make_optimizer
 
-    cfg = SparseHookedTransformerConfig.preset(preset, device="cuda")
+    cuda = device == "cuda"
+    cfg = SparseHookedTransformerConfig.preset(preset, device=device)
     torch.manual_seed(0)
     model = SparseHookedTransformer(cfg).train()
     model.project_weights_()
-    tc = TrainConfig(batch_size=batch_size, dtype=dtype, device="cuda")
+    tc = TrainConfig(batch_size=batch_size, dtype=dtype, device=device)
     optimizer = make_optimizer(model, tc)
-    tokens = torch.randint(0, cfg.d_vocab, (batch_size, cfg.n_ctx), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-    runs = [phases_of_a_step(model, optimizer, tokens, cfg.weight_l0, tc) for _ in range(warmup + steps)]
+    tokens = torch.randint(0, cfg.d_vocab, (batch_size, cfg.n_ctx), device=device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    runs = [phases_of_a_step(model, optimizer, tokens, cfg.weight_l0, tc, device)
+            for _ in range(warmup + steps)]
     runs = runs[warmup:]
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     total = sum(median.values())
     print(f"{preset} ({cfg.n_layers} layers, d_model {cfg.d_model}, L0 {cfg.weight_l0:.4g}), {dtype}, "
           f"batch {batch_size} x {cfg.n_ctx}: {batch_size * cfg.n_ctx / total:,.0f} tokens/s, "
-          f"step {total * 1e3:.1f} ms, peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+          f"step {total * 1e3:.1f} ms, peak memory "
+          f"{torch.cuda.max_memory_allocated() / 2**30 if cuda else float('nan'):.2f} GiB")
     for name, seconds in median.items():
         print(f"  {name:10s} {seconds * 1e3:8.1f} ms  {seconds / total:6.1%}")
     share = median["projection"] / total
     if preset == "paper":
         print(f"  projection share {share:.1%}: goal < 10% {'met' if share < 0.10 else 'MISSED'}")
     del model, optimizer
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
+    return median
 
 
 def main(argv: list[str] | None = None) -> int:
