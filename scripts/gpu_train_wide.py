@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import shlex
 import signal
@@ -137,12 +138,12 @@ def pack_snapshots(run_dir: Path, dest: Path, first_step: int) -> list[int]:
 
 def ship(driver: Driver, name: str, base: Path, members: list[str]) -> None:
     """tar `members` (relative to `base`) into OUT/name, split into parts of at most 15 MiB."""
-    tmp = Path("/tmp") / name
-    with tarfile.open(tmp, "w") as tar:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
         for m in members:
             if (base / m).exists():
                 tar.add(base / m, arcname=m)
-    data = tmp.read_bytes()
+    data = buffer.getvalue()
     if len(data) <= PART_BYTES:
         (driver.out / name).write_bytes(data)
     else:

@@ -60,6 +60,7 @@ class PruneConfig:
     init_tau: float = 0.1
     grad_clip: float = 1.0
     restarts: int = 2  # re-optimise at lr / 3 when the optimised mask misses the target (step 2)
+    restart_steps_scale: int = 1  # each restart runs this many times the previous attempt's steps
     n_train: int = 512  # task examples to optimise on
     n_eval: int = 128  # fixed examples the bisection evaluates (train split, another seed)
     calibrate: bool = False
@@ -81,6 +82,9 @@ class PruneConfig:
                 raise ValueError(f"PruneConfig.{name} must be an integer >= 1; got {getattr(self, name)!r}")
         if not (isinstance(self.restarts, int) and self.restarts >= 0):
             raise ValueError(f"PruneConfig.restarts must be an integer >= 0; got {self.restarts!r}")
+        if not (isinstance(self.restart_steps_scale, int) and self.restart_steps_scale >= 1):
+            raise ValueError(f"PruneConfig.restart_steps_scale must be an integer >= 1; "
+                             f"got {self.restart_steps_scale!r}")
         if not (self.target_loss > 0 and math.isfinite(self.target_loss)):
             # inf would make every circuit "solve" the task, down to no node at all
             raise ValueError(f"PruneConfig.target_loss must be finite and > 0; got {self.target_loss!r}")
@@ -170,13 +174,15 @@ def search_nodes(model, train_data, eval_data, means, config: PruneConfig) -> Se
 def _optimise_and_size(model, masker, train_data, eval_data, registry, config, full_misses):
     """Steps 2 and 3: `(tau, kept node ids in tau order, curve)`."""
     tau = _optimise_taus(model, masker, train_data, registry, config)
-    lr = config.lr
+    lr, steps = config.lr, config.steps
     for _ in range(0 if full_misses else config.restarts):
         optimised = (tau > 0).float().to(model.cfg.device)
         if pair_loss(final_logit_pairs(model, eval_data, masker, optimised)) <= config.target_loss:
             break
         lr /= 3  # the mask collapsed past the target (module docstring, step 2): slower
-        tau = _optimise_taus(model, masker, train_data, registry, dataclasses.replace(config, lr=lr))
+        steps *= config.restart_steps_scale
+        tau = _optimise_taus(model, masker, train_data, registry,
+                             dataclasses.replace(config, lr=lr, steps=steps))
     order = torch.argsort(tau.detach().cpu(), descending=True, stable=True)
     if full_misses or config.ablation == "resample":
         # the controls' search within the optimised nodes; resampling needs the masker's own

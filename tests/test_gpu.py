@@ -70,3 +70,41 @@ def test_cuda_bf16_training_node_means_pruning_and_csr(corpus, tmp_path):
         with sparse_matmuls(model, True):
             csr = model(tokens)
     torch.testing.assert_close(csr, dense, rtol=0, atol=1e-4)
+
+
+def _gpu_recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_train_wide", ROOT / "scripts" / "gpu_train_wide.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_recipe_fits_the_most_tokens_into_its_budget_with_enough_steps():
+    """`scripts/gpu_train_wide.py` picks the candidate with the most tokens among those whose
+    steps (10% kept for evaluation, a multiple of 100) reach the minimum; else the most steps.
+    The figures are the H200's probes of 2026-12-04 (results/gpu/summary.md)."""
+    choose = _gpu_recipe().choose
+    probes = [(64, "bf16", 0.0639), (256, "bf16", 0.1068), (256, "float32", 0.1323)]
+    assert choose(probes, budget_s=250, min_steps=2000) == (256, "bf16", 2100)
+    assert choose(probes, budget_s=250, min_steps=3000) == (64, "bf16", 3500)
+    assert choose(probes, budget_s=10, min_steps=2000) == (64, "bf16", 100)  # none reaches it
+
+
+def test_the_gpu_recipe_splits_what_it_ships_into_parts_that_join_back(tmp_path, monkeypatch):
+    recipe = _gpu_recipe()
+    monkeypatch.setattr(recipe, "PART_BYTES", 4096)
+    (tmp_path / "run" / "sub").mkdir(parents=True)
+    payload = torch.randint(0, 255, (20_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "run" / "sub" / "blob.bin").write_bytes(bytes(payload.tolist()))
+    driver = recipe.Driver(recipe.argparse.Namespace(out=tmp_path / "out", deadline_s=60))
+    recipe.ship(driver, "x.tar", tmp_path / "run", ["sub", "missing"])
+    parts = sorted((tmp_path / "out").glob("x.tar.part*"))
+    assert len(parts) > 1 and all(p.stat().st_size <= 4096 for p in parts)
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    import tarfile
+
+    with tarfile.open(joined) as tar:
+        assert tar.extractfile("sub/blob.bin").read() == bytes(payload.tolist())

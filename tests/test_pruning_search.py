@@ -203,10 +203,11 @@ def test_a_collapsed_mask_is_optimised_again_more_slowly(model, means, monkeypat
     collapsed = torch.full((registry.n_nodes,), -1.0)  # every node off: chance loss
     good = torch.full((registry.n_nodes,), -1.0)
     good[planted.node_ids] = 1.0
-    lrs = []
+    lrs, steps = [], []
 
     def optimise(model, masker, data, registry, config):
         lrs.append(config.lr)
+        steps.append(config.steps)
         return collapsed if len(lrs) < 3 else good
 
     monkeypatch.setattr(search, "_optimise_taus", optimise)
@@ -216,8 +217,14 @@ def test_a_collapsed_mask_is_optimised_again_more_slowly(model, means, monkeypat
     lrs.clear()
     prune(model, hand_task(), means=means, lr=0.03, restarts=1, progress=False)
     assert lrs == pytest.approx([0.03, 0.01])  # no third attempt: its last taus are the collapsed ones
+    lrs.clear()
+    steps.clear()
+    prune(model, hand_task(), means=means, lr=0.03, steps=20, restart_steps_scale=3, progress=False)
+    assert steps == [20, 60, 180]  # each slower attempt is given the steps to travel as far
     with pytest.raises(ValueError, match="restarts"):
         PruneConfig(restarts=-1)
+    with pytest.raises(ValueError, match="restart_steps_scale"):
+        PruneConfig(restart_steps_scale=0)
 
 
 def test_refine_leaves_a_circuit_no_single_node_can_leave(model, means):
