@@ -99,14 +99,15 @@ def add_faithfulness_flags(f: argparse.ArgumentParser) -> None:
                    help="directory of saved circuits (default <model>/circuits)")
     f.add_argument("--out", type=Path, default=None, help="where the tables go (default --circuits)")
     add_config_flags(f, PruneConfig, FAITHFULNESS_PRUNE_FIELDS, choices=PRUNE_CHOICES, help=dict(
-        target_loss="for circuits pruned here", steps="mask-optimisation steps, for circuits pruned "
+        target_loss="for circuits pruned here", k_coef="penalty per kept node, for circuits pruned here",
+        steps="mask-optimisation steps, for circuits pruned "
         "here", ablation="for circuits pruned here", level="task level, for circuits pruned here"))
     add_config_flags(f, FaithfulnessConfig, ["n", "draws", "control_steps", "controls", "seed"],
                      help=dict(controls="the nonsense and random-model searches"))
     f.add_argument("--device", default=None, help="cpu (default) or cuda")
 
 
-FAITHFULNESS_PRUNE_FIELDS = ("target_loss", "steps", "ablation", "level", "progress")
+FAITHFULNESS_PRUNE_FIELDS = ("target_loss", "k_coef", "steps", "ablation", "level", "progress")
 
 
 def add_report_flags(r: argparse.ArgumentParser) -> None:
