@@ -50,12 +50,14 @@ def timed(phases: dict, name: str, module, attr: str):
         setattr(module, attr, original)
 
 
-def prune_once(model, task: str, target: float, steps: int, means, k_coef: float) -> dict:
+def prune_once(model, task: str, target: float, steps: int, means, k_coef: float,
+               restart_steps_scale: int = 1) -> dict:
     """One pruning run: its circuit and the seconds of each phase."""
     from sparse_lens import pruning, search
 
     phases: dict[str, list] = {}
-    config = pruning.PruneConfig(progress=False, steps=steps, target_loss=target, k_coef=k_coef)
+    config = pruning.PruneConfig(progress=False, steps=steps, target_loss=target, k_coef=k_coef,
+                                 restart_steps_scale=restart_steps_scale)
     wall, cpu = time.perf_counter(), time.process_time()
     with timed(phases, "optimise", search, "_optimise_taus"), timed(phases, "search", search, "_search"):
         circuit = pruning.prune(model, task, config, means=means)
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--factor", type=int, default=10, help="the longer run's step multiple")
     parser.add_argument("--k-coef", type=float, default=None,
                         help="node penalty of the mask optimisation (default: PruneConfig's, not the demo's 3e-3)")
+    parser.add_argument("--restart-steps-scale", type=int, default=None,
+                        help="steps multiple of each restart after a collapsed mask (default: PruneConfig's)")
     parser.add_argument("--no-long", action="store_true", help="time the default budget only")
     parser.add_argument("--long-only", action="store_true", help="run the longer budget only")
     add_retain_flag(parser)
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{16 * registry.n_nodes / param_bytes:.4f}")
     steps = PruneConfig().steps
     k_coef = PruneConfig().k_coef if args.k_coef is None else args.k_coef
-    print(f"k_coef {k_coef}; default budget {steps} mask-optimisation steps")
+    scale = PruneConfig().restart_steps_scale if args.restart_steps_scale is None else args.restart_steps_scale
+    print(f"k_coef {k_coef}; default budget {steps} mask-optimisation steps; restarts x{scale} steps")
     for spec in args.tasks:
         task, _, target = spec.partition(":")
         target = float(target or PruneConfig().target_loss)
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{task} at target {target}:", flush=True)
         runs = []
         for budget in budgets:
-            runs.append(prune_once(model, task, target, budget, means, k_coef))
+            runs.append(prune_once(model, task, target, budget, means, k_coef, scale))
             print_run(runs[-1])
         print_ratio(runs)
         print(f"  load average now {os.getloadavg()[0]:.1f}", flush=True)
