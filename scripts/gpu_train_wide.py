@@ -17,6 +17,12 @@ short (minutes) and whose files come back only as a few files of at most 16 MiB:
    reaches the sparse model's, for the circuit-size comparison; `OUT/wide-gpu-dense.tar.part*`;
 6. with time left (`--final-bench`), `bench_gpu.py` on the `small` and `paper` presets.
 
+Measured on one H200 (results/gpu/summary.md): it chose bf16, batch 256, 2,100 steps (68.8M
+tokens in 270 s), and that model came out worse than the shipped `wide` (20,000 CPU steps of 8 x
+128 tokens): validation 3.4552 against 3.1358. The small models' GPU steps are launch-bound (about
+64 ms at any batch up to 64), so a 15-minute lease fits a few thousand steps; a better model needs
+more steps (longer leases, or a step captured in CUDA graphs), not bigger batches.
+
 Everything prints to stdout and `OUT/driver.log`; each stage has its own time limit, so a failure
 or an overrun in one stage still brings back what the earlier ones made. Runs on CPU too, for a
 check of the whole flow: `--device cpu --preset tiny --batches 4 --dtypes float32 --budget-s 20`.
