@@ -1,18 +1,15 @@
 """Issue 14's structural rules hold for the package: `scripts/check_structure.py` finds nothing."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _checker():
-    spec = importlib.util.spec_from_file_location("check_structure", ROOT / "scripts" / "check_structure.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/check_structure.py")
 
 
 def test_no_long_module_no_long_function_no_import_cycle():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from sparse_lens import data
 from sparse_lens.config import SparseHookedTransformerConfig
@@ -73,12 +74,7 @@ def test_cuda_bf16_training_node_means_pruning_and_csr(corpus, tmp_path):
 
 
 def _gpu_recipe():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_train_wide", ROOT / "scripts" / "gpu_train_wide.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/gpu_train_wide.py")
 
 
 def test_the_gpu_recipe_fits_the_most_tokens_into_its_budget_with_enough_steps():
