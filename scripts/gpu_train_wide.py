@@ -19,8 +19,9 @@ short (minutes) and whose files come back only as a few files of at most 16 MiB:
 
 Measured on one H200 (results/gpu/summary.md): it chose bf16, batch 256, 2,100 steps (68.8M
 tokens in 270 s), and that model came out worse than the shipped `wide` (20,000 CPU steps of 8 x
-128 tokens): validation 3.4552 against 3.1358. The small models' GPU steps are launch-bound (about
-64 ms at any batch up to 64), so a 15-minute lease fits a few thousand steps; a better model needs
+128 tokens): validation 3.4552 against 3.1358. The small models' GPU steps are launch-bound (64 ms
+at batch 64, 107 ms at 256: 4x the batch for 1.7x the time), so a 15-minute lease fits a few
+thousand steps; a better model needs
 more steps (longer leases, or a step captured in CUDA graphs), not bigger batches.
 
 Everything prints to stdout and `OUT/driver.log`; each stage has its own time limit, so a failure
@@ -44,7 +45,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PART_BYTES = 15 * 2**20
-SNAPSHOT_FILES = ("config.json", "weights.safetensors")
 
 
 class Driver:
@@ -104,7 +104,8 @@ def choose(probes: list[tuple[int, str, float]], budget_s: float, min_steps: int
     """(batch, dtype, steps): most sequences/s among the candidates whose steps within the budget
     (10% kept for evaluation and checkpoints; a multiple of 100) are at least `min_steps`; if
     none, the most steps."""
-    options = [(batch, dtype, int(budget_s / (seconds * 1.1)) // 100 * 100) for batch, dtype, seconds in probes]
+    options = [(batch, dtype, int(budget_s / (seconds * 1.1)) // 100 * 100)
+               for batch, dtype, seconds in probes]
     enough = [o for o in options if o[2] >= min_steps]
     if enough:
         return max(enough, key=lambda o: o[0] * o[2])
@@ -112,10 +113,18 @@ def choose(probes: list[tuple[int, str, float]], budget_s: float, min_steps: int
     return batch, dtype, max(steps, 100)
 
 
-def train_argv(a: argparse.Namespace, out: Path, batch: int, dtype: str, steps: int, *extra: str) -> list[str]:
+def train_argv(a: argparse.Namespace, out: Path, batch: int, dtype: str, steps: int,
+               *extra: str) -> list[str]:
     return [sys.executable, "-m", "sparse_lens", "train", "--preset", a.preset, "--device", a.device,
             "--dtype", dtype, "--batch-size", str(batch), "--steps", str(steps), "--out", str(out),
             "--no-progress", "--overwrite", *extra]
+
+
+def sparse_argv(a: argparse.Namespace, out: Path, batch: int, dtype: str, steps: int) -> list[str]:
+    """The sparse run: evaluated 40 times, a checkpoint every quarter, a snapshot every eighth."""
+    return train_argv(a, out, batch, dtype, steps, "--eval-every", str(max(steps // 40, 1)),
+                      "--checkpoint-every", str(max(steps // 4, 1)),
+                      "--snapshot-every", str(max(steps // 8, 1)))
 
 
 def final_val_loss(run_dir: Path) -> float | None:
@@ -174,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--final-bench", action="store_true",
                    help="finish with bench_gpu.py --presets small paper, time allowing")
     a = p.parse_args(argv)
+    from sparse_lens.training import TrainConfig
+
     d = Driver(a)
     runs = Path(a.runs)
     name = f"{a.preset}-gpu"
@@ -182,18 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     batch, dtype, steps = choose(probes, a.budget_s, a.min_steps)
     d.log(f"chose {dtype}, batch {batch} x n_ctx, {steps} steps")
     sparse_dir = runs / name
-    every = max(steps // 8, 1)
-    command = train_argv(a, sparse_dir, batch, dtype, steps, "--eval-every", str(max(steps // 40, 1)),
-                         "--checkpoint-every", str(max(steps // 4, 1)), "--snapshot-every", str(every))
+    command = sparse_argv(a, sparse_dir, batch, dtype, steps)
     rc = d.run(command, d.left() - 120)
     d.log(f"sparse training exit code {rc}")
     if rc != 0 and dtype != "float32" and d.left() > 240:  # e.g. a non-finite loss under bf16
         batch, dtype, steps = choose([pr for pr in probes if pr[1] == "float32"] or probes,
                                      d.left() - 200, a.min_steps)
         d.log(f"retrying in {dtype}, batch {batch}, {steps} steps")
-        every = max(steps // 8, 1)
-        command = train_argv(a, sparse_dir, batch, dtype, steps, "--eval-every", str(max(steps // 40, 1)),
-                             "--checkpoint-every", str(max(steps // 4, 1)), "--snapshot-every", str(every))
+        command = sparse_argv(a, sparse_dir, batch, dtype, steps)
         rc = d.run(command, d.left() - 120)
         d.log(f"sparse training exit code {rc}")
     pack_root = runs / "pack"
@@ -205,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         rc_pack = d.run([sys.executable, "-m", "sparse_lens.pretrained", str(sparse_dir), name,
                          "--root", str(pack_root), "--git-commit", a.git_commit,
                          "--command", shlex.join(shown).replace(" --overwrite", "")], 120)
-        members.append(name) if rc_pack == 0 else None
-    first = steps // 2  # the L0 anneal ends at anneal_end_frac (0.5) of the steps
+        if rc_pack == 0:
+            members.append(name)
+    first = int(steps * TrainConfig().anneal_end_frac)  # where the L0 anneal ends
     kept = pack_snapshots(sparse_dir, pack_root / "snapshots", first) if sparse_dir.exists() else []
     d.log(f"snapshots packed: {kept}")
     members += ["snapshots", "state.json"]

@@ -3,6 +3,7 @@ CSR products where a GPU exists (skipped without one: no GPU in CI)."""
 
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,5 @@ def test_the_gpu_recipe_splits_what_it_ships_into_parts_that_join_back(tmp_path,
     assert len(parts) > 1 and all(p.stat().st_size <= 4096 for p in parts)
     joined = tmp_path / "joined.tar"
     joined.write_bytes(b"".join(p.read_bytes() for p in parts))
-    import tarfile
-
     with tarfile.open(joined) as tar:
         assert tar.extractfile("sub/blob.bin").read() == bytes(payload.tolist())
