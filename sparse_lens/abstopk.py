@@ -3,17 +3,19 @@
 Two implementations with the same result (`kernels.reference_kernels()` selects the second):
 
 - `abs_topk` (fast, the default): finds each row's k-th largest |x| as a threshold and keeps
-  `|x| >= threshold`; the gradient is `grad * keep`. On CPU the threshold comes from NumPy's
-  `partition` on the integer bit patterns of |x| (for non-negative floats they sort like the
-  floats), which NumPy 2 runs with SIMD sorting networks (x86-simd-sort, on AVX2/AVX-512 CPUs)
-  on rows of up to 512 entries; wider rows
-  are first narrowed to the top `k` of each 512-wide chunk (exact: every entry of the row's
-  top k is in its chunk's top k). Elsewhere the threshold comes from `torch.topk`.
+  `|x| >= threshold`; the gradient is `grad * keep`. On CPU float32 the native kernels
+  (`native.selection`, C compiled on first use) do it: each row's threshold by bisection on the
+  integer bit patterns of |x| (for non-negative floats they sort like the floats) with AVX-512,
+  then the output and the byte mask in one pass, rows split over torch's threads. Without
+  AVX-512, or without the native library, the threshold comes from NumPy's `partition` on the
+  same bit patterns (SIMD sorting networks on rows of up to 512 entries; wider rows are first
+  narrowed to the top `k` of each 512-wide chunk, exact since every entry of the row's top k is
+  in its chunk's top k), and the rest from the C pass or PyTorch. Elsewhere `torch.topk`.
 - `abs_topk_reference`: `torch.topk` on |x|, then a scatter of the kept values into zeros.
 
-Measured (`benchmarks/bench_training.py --threads 1 --clock cpu`, small preset, 8 x 128
-tokens, on a heavily loaded 2-core machine): the 32 AbsTopK calls of one training step,
-forward and backward, 70 ms against 215 ms for the reference.
+Measured (`benchmarks/bench_training.py`, small preset, 8 x 128 tokens, 2 threads, idle
+machine): the 32 AbsTopK calls of one training step, forward and backward, isolated, 15.6 ms
+against 82.2 ms for the reference (NumPy's selection, the path before the native kernels: 46 ms).
 
 Ties. Exactly `k` entries are kept in every row. Where several entries tie with the k-th largest
 |x|, the fast path keeps the tied entries at the lowest positions (first along the last axis);
@@ -31,6 +33,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from sparse_lens.kernels import fast_kernels_enabled
+from sparse_lens.native import selection
 
 #: NumPy selects within rows of up to this many entries with sorting networks (x86-simd-sort;
 #: measured: 512-wide rows 0.5 ms per 1024 rows, 513-wide 1.9 ms); wider rows are narrowed first.
@@ -64,19 +67,32 @@ def abs_topk_reference(x: Float[torch.Tensor, "... dim"], k: int) -> Float[torch
 
 class _AbsTopK(torch.autograd.Function):
     """x * keep, with keep = `abs_topk_mask(x, k)` saved (one byte per entry) for the backward.
-    (Multiplying by the mask as uint8 is several times faster on CPU than as bool or `where`.)"""
+    On CPU float32 the output, the mask and the backward's product come from the native kernels
+    (`native.selection`) when they load, else from PyTorch (multiplying by the mask as uint8 is
+    several times faster on CPU than as bool or `where`). Both give the same bits."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, k: int) -> torch.Tensor:
-        keep = abs_topk_mask(x, k).view(torch.uint8)
+        out_keep = selection.abs_topk(x, k, _kth_largest)
+        if out_keep is None:
+            keep = abs_topk_mask(x, k).view(torch.uint8)
+            out = x * keep
+        else:
+            out, keep = out_keep
         ctx.save_for_backward(keep)
-        return x * keep
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return grad * keep, None
+        out = selection.mul_keep(grad, keep)
+        return (grad * keep if out is None else out), None
+
+
+def _kth_largest(keys: np.ndarray, k: int) -> np.ndarray:
+    """The k-th largest of each row of the 2-D integer array `keys`."""
+    return _kth_and_next_largest(keys, k, runner_up=False)[0]
 
 
 @torch.no_grad()
@@ -103,7 +119,8 @@ def abs_topk_mask(x: Float[torch.Tensor, "... dim"], k: int) -> Bool[torch.Tenso
     return keep.view(x.shape)
 
 
-def _kth_and_next_largest(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _kth_and_next_largest(keys: np.ndarray, k: int,
+                          runner_up: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """The k-th and (k+1)-th largest of each row of the 2-D integer array `keys` (`k < width`).
 
     Rows wider than `_NUMPY_FAST_WIDTH` are cut into chunks of that width (the last padded with
@@ -115,15 +132,17 @@ def _kth_and_next_largest(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     n_chunks = math.ceil(width / chunk)
     if width <= chunk or n_chunks * k >= width:
         part = np.partition(keys, width - k, axis=1)
-        return part[:, width - k], part[:, : width - k].max(axis=1)
+        return part[:, width - k], part[:, : width - k].max(axis=1) if runner_up else None
     if width % chunk:
         padded = np.full((rows, n_chunks * chunk), -1, dtype=keys.dtype)
         padded[:, :width] = keys
         keys = padded
     part = np.partition(keys.reshape(rows * n_chunks, chunk), chunk - k, axis=1)
-    chunk_next = part[:, : chunk - k].max(axis=1).reshape(rows, n_chunks).max(axis=1)
     candidates = np.ascontiguousarray(part[:, chunk - k:]).reshape(rows, n_chunks * k)
-    kth, candidates_next = _kth_and_next_largest(candidates, k)
+    kth, candidates_next = _kth_and_next_largest(candidates, k, runner_up)
+    if not runner_up:
+        return kth, None
+    chunk_next = part[:, : chunk - k].max(axis=1).reshape(rows, n_chunks).max(axis=1)
     return kth, np.maximum(candidates_next, chunk_next)
 
 

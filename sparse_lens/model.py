@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from transformer_lens import HookedTransformer
 from transformer_lens.HookedTransformer import Output
@@ -31,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from sparse_lens import checkpoint, sparsity
 from sparse_lens.components import SparseTransformerBlock
 from sparse_lens.config import SparseHookedTransformerConfig
+from sparse_lens.kernels import fast_kernels_enabled
 
 #: Which axes of each sparsified matrix index its output units (the rest are the unit's fan-in):
 #: the rule "no unit keeps fewer than min_nonzero_per_unit weights" is applied per unit.
@@ -169,6 +171,19 @@ class SparseHookedTransformer(HookedTransformer):
         if return_type == "both":
             return Output(logits, loss)
         raise ValueError(f"return_type must be logits, loss, both or None; got {return_type!r}")
+
+    def loss_fn(self, logits: Float[torch.Tensor, "batch pos d_vocab"],
+                tokens: Int[torch.Tensor, "batch pos"], attention_mask: torch.Tensor | None = None,
+                per_token: bool = False):
+        """TransformerLens's next-token loss (nats/token). Its mean over the batch, with no
+        attention mask and fast kernels on (`kernels`), is one `F.cross_entropy` over every
+        position, the last of each row ignored: the same value to float rounding without the
+        slice TransformerLens takes, whose backward zero-fills and copies the logits' size."""
+        if attention_mask is not None or per_token or not fast_kernels_enabled():
+            return super().loss_fn(logits, tokens, attention_mask, per_token)
+        targets = torch.full(tokens.shape, -100, dtype=torch.long, device=logits.device)
+        targets[:, :-1] = tokens[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100)
 
     def get_residual(self, embed, pos_offset, prepend_bos=USE_DEFAULT_VALUE, attention_mask=None,
                      tokens=None, return_shortformer_pos_embed=True, device=None):

@@ -24,19 +24,18 @@ W_out      [d_mlp, d_model]        (1,)       d_mlp
 W_U        [d_model, d_vocab]      (1,)       d_model
 =========  ======================  =========  =========================
 
-Selection method. The per-unit floor is one `topk(j)` along the fan-in of a `[units, fan_in]`
-view. The global selection over the rest is exact top-r by magnitude; on CPU, for large matrices,
-it first narrows the candidates with a threshold estimated from a fixed-seed random sample of
-2**16 entries (set a few standard deviations *below* the r-th largest, so that almost surely at
-least r entries pass), then runs `topk(r)` on the candidates only; if fewer than r pass it falls
-back to `topk` over everything, so the result is always exact. Measured on 2 CPU cores, a
-2048 x 8192 float32 weight at L0 = 1/64 with min_per_unit = 4 and unit_dims=(1,): `keep_mask`
-~0.16 s this way, ~0.6-0.8 s with `torch.topk` over all 16M scores, ~0.4 s with a `kthvalue`
-threshold; on 1-4M scores at k = 1/64..1/4 of them, `topk` and `kthvalue` are within ~30% of
-each other (neither wins throughout) and the prefilter is 2-10x faster than both. The sample
-has n // 64 entries, clamped to [2**12, 2**16]: the small preset's 262k-entry W_in projects in
-~2 ms with 4096 samples against ~4 ms with 2**16 (the sample's own top-k dominated).
-CUDA (and small inputs) use a plain `torch.topk`.
+Selection method. `project_` on CPU float32, with the fast kernels on (`kernels`), runs the
+native kernel (`native.selection.project_`): one bisection on the magnitudes' bit patterns for
+the k-th largest, the per-unit counts, and the zeroing, in C (the `small` preset's 26 matrices:
+4.6 ms against 20.9 ms, `benchmarks/bench_training.py`); where the plain top-k leaves a unit
+under its floor, or elsewhere, it runs `keep_mask`. (Ties with the k-th largest |w|: the native
+kernel keeps the lowest positions, `keep_mask` those `torch.topk` returns.) There the floor is
+one `topk(j)` along the fan-in of a `[units, fan_in]` view, and the global selection over the
+rest is exact top-r: on CPU, for large matrices, it first narrows the candidates with a
+threshold estimated from a fixed-seed random sample (n // 64 entries, clamped to [2**12,
+2**16]; set a few standard deviations *below* the r-th largest, so that almost surely at least
+r entries pass), then runs `topk(r)` on them, or over everything if fewer than r pass: always exact, and 4-5x
+faster than `torch.topk` on a 2048 x 8192 weight. CUDA (and small inputs) use `torch.topk`.
 """
 
 from __future__ import annotations
@@ -50,15 +49,11 @@ from collections.abc import Sequence
 import torch
 from jaxtyping import Bool, Float
 
-__all__ = [
-    "nonzero_budget",
-    "units_view",
-    "keep_mask",
-    "project_",
-    "l0_at_step",
-    "lr_at_step",
-    "ANNEAL_KINDS",
-]
+from sparse_lens.kernels import fast_kernels_enabled
+from sparse_lens.native import selection
+
+__all__ = ["nonzero_budget", "units_view", "keep_mask", "project_", "l0_at_step", "lr_at_step",
+           "ANNEAL_KINDS"]
 
 #: The interpolations `l0_at_step` supports.
 ANNEAL_KINDS = ("linear", "exponential")
@@ -284,12 +279,11 @@ def project_(
     """Project `weight` in place onto its top-`l0` fraction with a per-unit floor.
 
     Zeroes every entry outside `keep_mask(weight, nonzero_budget(weight.numel(), l0),
-    min_per_unit, unit_dims)`; kept entries are left bit-identical. Works on `nn.Parameter`s
-    (no autograd record), on any device and float dtype. `l0 == 1.0` is a no-op (dense).
-
-    Returns:
-        The number of entries kept, `max(nonzero_budget(numel, l0), n_units * min_per_unit)`
-        (`numel` when `l0 == 1`). Entries that were already zero count as kept if selected.
+    min_per_unit, unit_dims)` (ties with the k-th largest: see the module docstring); kept
+    entries are left bit-identical. Works on `nn.Parameter`s (no autograd record), on any device
+    and float dtype. `l0 == 1.0` is a no-op (dense). Returns the number of entries kept,
+    `max(nonzero_budget(numel, l0), n_units * min_per_unit)` (`numel` when `l0 == 1`); entries
+    that were already zero count as kept if selected.
     """
     _check_l0(l0, "l0")
     numel = weight.numel()
@@ -297,8 +291,9 @@ def project_(
     if l0 == 1.0:
         return numel
     k = nonzero_budget(numel, l0)
-    drop = keep_mask(weight, k, min_per_unit, unit_dims).logical_not_()
-    weight.masked_fill_(drop, 0)
+    if not (fast_kernels_enabled() and selection.project_(weight, k, min_per_unit, unit_dims)):
+        drop = keep_mask(weight, k, min_per_unit, unit_dims).logical_not_()
+        weight.masked_fill_(drop, 0)
     return max(k, n_units * min_per_unit)
 
 

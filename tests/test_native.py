@@ -1,0 +1,191 @@
+"""sparse_lens.native: the C kernels give the same bits as their PyTorch/NumPy twins.
+
+Every comparison is bitwise: AbsTopK's output, mask and gradient against the NumPy path (the
+library disabled), the weight projection against `keep_mask` + `masked_fill_` (fast kernels
+off). The library is built twice here, with this CPU's flags (AVX-512 where it has it) and
+portably (`-march` dropped: the plain-C selection), and the two must agree as well.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_lens import abstopk, native, sparsity
+from sparse_lens.kernels import reference_kernels
+from sparse_lens.native import selection
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def without_native(monkeypatch):
+    """Run the body with the native kernels off (the NumPy/PyTorch twins)."""
+    def off() -> None:
+        monkeypatch.setenv("SPARSE_LENS_NATIVE", "0")
+        native.library.cache_clear()
+
+    yield off
+    monkeypatch.delenv("SPARSE_LENS_NATIVE", raising=False)
+    native.library.cache_clear()
+
+
+def _forward_backward(x: torch.Tensor, k: int, grad: torch.Tensor):
+    leaf = x.clone().requires_grad_(True)
+    out = abstopk.abs_topk(leaf, k)
+    out.backward(grad)
+    return out.detach(), leaf.grad
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def _inputs(kind: str, shape: tuple[int, ...], k: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # few distinct magnitudes: ties with the k-th largest in most rows
+        return torch.randint(-3, 4, shape, generator=gen).float()
+    x = torch.randn(shape, generator=gen)
+    if kind == "special":  # NaN, infinities, signed zeros
+        x[..., 0] = float("nan")
+        x[..., 1] = -float("inf")
+        x[..., 2] = -0.0
+        x.view(-1, shape[-1])[0, : k + 2] = float("inf")  # more infinities than k in one row
+    return x
+
+
+def test_library_builds_loads_and_is_cached(tmp_path):
+    first = native.build(tmp_path)
+    assert first.exists() and native.build(tmp_path) == first  # the same key: no rebuild
+    assert native.library() is not None
+
+
+@pytest.mark.parametrize("kind", ["gauss", "ties", "special"])
+@pytest.mark.parametrize("shape,k", [((8, 16, 256), 64), ((64, 1024), 256), ((5, 7, 300), 7),
+                                     ((33, 2100), 100), ((40, 17), 16), ((3, 65), 1)])
+def test_abstopk_is_bitwise_the_numpy_path(kind, shape, k, without_native):
+    x = _inputs(kind, shape, k, seed=sum(shape) + k)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    out, x_grad = _forward_backward(x, k, grad)
+    keep = selection.abs_topk(x, k, abstopk._kth_largest)[1]
+    without_native()
+    assert native.library() is None and selection.abs_topk(x, k, abstopk._kth_largest) is None
+    ref_out, ref_grad = _forward_backward(x, k, grad)
+    assert torch.equal(_bits(out), _bits(ref_out))
+    assert torch.equal(_bits(x_grad), _bits(ref_grad))
+    assert torch.equal(keep.bool(), abstopk.abs_topk_mask(x, k))
+    assert bool((keep.view(-1, shape[-1]).sum(dim=1) == k).all())
+
+
+def test_abstopk_takes_noncontiguous_inputs_and_gradients():
+    x = torch.randn(16, 300)[:, ::2]  # stride 2
+    grad = torch.randn(150, 16).t()  # transposed
+    out, x_grad = _forward_backward(x, 40, grad)
+    keep = abstopk.abs_topk_mask(x, 40)
+    assert torch.equal(out, x * keep) and torch.equal(x_grad, grad * keep)
+
+
+def test_flags_the_compiler_refuses_are_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "FLAGS", ("-O3", "-march=no-such-cpu", "-shared", "-fPIC"))
+    monkeypatch.setattr(native, "_OPTIONAL_FLAGS", ("-march=no-such-cpu",))
+    lib = ctypes.CDLL(str(native.build(tmp_path)))
+    assert lib.select_is_vectorised() == 0
+
+
+def _portable_library(tmp_path, monkeypatch) -> ctypes.CDLL:
+    """The same source built without `-march=native`: the plain-C selection."""
+    monkeypatch.setattr(native, "FLAGS", tuple(f for f in native.FLAGS if not f.startswith("-march")))
+    lib = ctypes.CDLL(str(native.build(tmp_path)))
+    for name, argtypes in native._SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+    lib.select_is_vectorised.restype = ctypes.c_int
+    return lib
+
+
+@pytest.mark.parametrize("kind", ["gauss", "ties", "special"])
+def test_both_selections_agree(kind, tmp_path, monkeypatch):
+    fast = native.library()
+    portable = _portable_library(tmp_path, monkeypatch)
+    assert portable.select_is_vectorised() == 0
+    for dim, k in [(256, 64), (1024, 256), (5000, 33), (17, 16)]:
+        x = _inputs(kind, (24, dim), k, seed=dim).contiguous()
+        results = []
+        for lib in (fast, portable):
+            kth = torch.empty(24, dtype=torch.int32)
+            out, keep = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)
+            lib.abstopk_rows(x.data_ptr(), kth.data_ptr(), out.data_ptr(), keep.data_ptr(), 24, dim, k, 2)
+            results.append((kth, _bits(out), keep))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+        assert torch.equal(results[0][2].bool(), abstopk.abs_topk_mask(x, k))
+
+
+# ------------------------------------------------------------------------- the projection
+def _distinct(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Magnitudes a permutation of 1..numel plus noise, random signs: no ties."""
+    gen = torch.Generator().manual_seed(seed)
+    numel = math.prod(shape)
+    mags = torch.randperm(numel, generator=gen).double() + 1 + torch.rand(numel, generator=gen) * 0.5
+    signs = torch.randint(0, 2, (numel,), generator=gen) * 2 - 1
+    return (mags * signs).reshape(shape).float()
+
+
+def _project_both(weight: torch.Tensor, l0: float, j: int, unit_dims) -> tuple[torch.Tensor, torch.Tensor]:
+    fast, ref = weight.clone(), weight.clone()
+    kept = sparsity.project_(fast, l0, j, unit_dims)
+    with reference_kernels():
+        assert sparsity.project_(ref, l0, j, unit_dims) == kept
+    return fast, ref
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=2, max_size=3), data=st.data())
+def test_projection_is_bitwise_the_pytorch_path(shape, data):
+    ndim = len(shape)
+    unit_dims = tuple(data.draw(st.permutations(range(ndim)))[: data.draw(st.integers(0, ndim))])
+    fan_in = math.prod(s for d, s in enumerate(shape) if d not in unit_dims)
+    weight = _distinct(tuple(shape), data.draw(st.integers(0, 2**31 - 1)))
+    fast, ref = _project_both(weight, data.draw(st.floats(1e-3, 1.0)), data.draw(st.integers(0, fan_in)),
+                              unit_dims)
+    assert torch.equal(_bits(fast), _bits(ref))
+
+
+@pytest.mark.parametrize("shape,unit_dims", [((2048, 256), (0,)), ((16, 256, 16), (0, 2)),
+                                             ((16, 16, 256), (2,)), ((256, 1024), (1,))])
+def test_projection_of_the_models_layouts_runs_natively(shape, unit_dims, monkeypatch):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    assert selection.unit_blocks(shape, unit_dims) is not None
+    calls = []
+    original = selection.project_
+    monkeypatch.setattr(selection, "project_", lambda *a: calls.append(original(*a)) or calls[-1])
+    fast, ref = _project_both(weight, 1 / 16, 4, unit_dims)
+    assert calls == [True]  # the native path ran (no fallback); under reference_kernels it is skipped
+    assert torch.equal(_bits(fast), _bits(ref))
+
+
+def test_projection_ties_keep_exactly_k_at_the_lowest_positions():
+    weight = torch.tensor([[3.0, -1.0, 1.0, 2.0], [1.0, -1.0, 0.5, 1.0]])
+    kept = sparsity.project_(weight, 0.5, 0, (0,))  # k = 4: 3, 2, then two of the four 1s
+    assert kept == 4 and int(weight.ne(0).sum()) == 4
+    assert weight.tolist() == [[3.0, -1.0, 1.0, 2.0], [0.0, 0.0, 0.0, 0.0]]
+    assert not bool(weight[1].signbit().any())  # dropped entries are +0.0
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setenv("SPARSE_LENS_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "compiler", lambda: ["false"])
+    native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="native kernels unavailable"):
+            assert native.library() is None
+        x = torch.randn(4, 32)
+        assert torch.equal(abstopk.abs_topk(x, 8), x * abstopk.abs_topk_mask(x, 8))
+    finally:
+        native.library.cache_clear()
+
