@@ -79,6 +79,10 @@ def build(cache_dir: Path | None = None) -> Path:
         raise OSError("no C compiler found (set $CC)")
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
     out_dir = (cache_dir or default_cache_dir()) / "native"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only cache: this user's temporary directory instead
+        out_dir = Path(tempfile.gettempdir()) / f"sparse_lens-native-{getattr(os, 'getuid', lambda: 0)()}"
     flags = list(FLAGS)
     while True:
         try:
