@@ -6,6 +6,8 @@ TransformerLens's attention materialises the scores and the pattern (for `hook_a
 max, softmax, NaN check) forward and backward. When nothing reads those two hooks, the same z
 comes from a fused kernel that never stores them:
 
+- on CPU in float32 with 16-wide heads (every preset's), with or without sinks: the native
+  kernel (`native.attention`, C compiled on first use), in TransformerLens's layout;
 - no sinks: `torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)`;
 - sinks (one learned logit `b` per head, an always-visible key with zero value, so it only adds
   `exp(b)` to each row's softmax denominator): PyTorch's CPU flash-attention kernel, which also
@@ -35,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
+from sparse_lens.native import attention as native_attention
+
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 _FLASH_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -59,6 +63,9 @@ def causal_attention(
     """z of causal attention: `softmax(scale * q.k)` over the keys at or before each query (plus
     each head's sink logit in the denominator, if given) applied to v. Inputs in
     TransformerLens's layout; check `supports` first."""
+    z = native_attention.causal_attention(q, k, v, scale, sinks)  # CPU float32 d_head 16, if loaded
+    if z is not None:
+        return z
     # [batch, head, pos, d_head], each d_head vector contiguous (what the CPU kernel assumes)
     q_, k_, v_ = (t.transpose(1, 2) if t.stride(-1) == 1 else t.transpose(1, 2).contiguous()
                   for t in (q, k, v))

@@ -189,3 +189,66 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     finally:
         native.library.cache_clear()
 
+
+
+# --------------------------------------------------------------------------- attention
+def _attention_case(shape, seed, sinks):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=gen, requires_grad=True) for _ in range(3))
+    s = torch.randn(shape[2], generator=gen, requires_grad=True) if sinks else None
+    return q, k, v, s, torch.randn(shape, generator=gen)
+
+
+def _z_and_grads(fn, q, k, v, s, dz):
+    leaves = [q, k, v] + ([s] if s is not None else [])
+    for t in leaves:
+        t.grad = None
+    z = fn(q, k, v, 0.25, s)
+    z.backward(dz)
+    return [z.detach()] + [t.grad.clone() for t in leaves]
+
+
+def _written_out_attention(q, k, v, scale, s):
+    """The attention TransformerLens computes, written out: scores, causal mask, sink column."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    causal = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
+    scores = scores.masked_fill(causal, float("-inf"))
+    if s is not None:
+        scores = torch.cat([scores, s[None, :, None, None].expand(*scores.shape[:-1], 1)], dim=-1)
+    pattern = scores.softmax(dim=-1)[..., : q.shape[1]]
+    return torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+
+
+@pytest.mark.parametrize("sinks", [True, False])
+@pytest.mark.parametrize("shape", [(2, 9, 3, 16), (1, 1, 2, 16), (3, 33, 4, 16), (2, 128, 16, 16)])
+def test_attention_matches_transformer_lens_to_float_tolerance(shape, sinks):
+    from sparse_lens.native import attention as native_attention
+
+    case = _attention_case(shape, seed=sum(shape), sinks=sinks)
+    got = _z_and_grads(native_attention.causal_attention, *case)
+    want = _z_and_grads(_written_out_attention, *case)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_other_head_widths_fall_back():
+    from sparse_lens.native import attention as native_attention
+
+    q = torch.randn(1, 4, 2, 8)
+    assert native_attention.causal_attention(q, q, q, 0.5) is None
+    assert native_attention.causal_attention(q.double(), q.double(), q.double(), 0.5) is None
+
+
+def test_attention_does_not_depend_on_the_thread_count():
+    from sparse_lens.native import attention as native_attention
+
+    case = _attention_case((4, 40, 6, 16), seed=3, sinks=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _z_and_grads(native_attention.causal_attention, *case)
+        torch.set_num_threads(2)
+        two = _z_and_grads(native_attention.causal_attention, *case)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))

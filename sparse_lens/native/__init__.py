@@ -45,8 +45,11 @@ _SIGNATURES = {
     "mul_keep": [_P, _P, _P, _I, _INT],
     "weight_topk": [_P, _I, _I, _I, _I, _I, _P, _P, _P],
     "weight_apply": [_P, _I, ctypes.c_uint32, _I],
+    "attention_head_dim": [],
+    "attention_forward": [_P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_float, _INT],
+    "attention_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_float, _INT],
 }
-_RETURNS_INT = ("select_is_vectorised",)
+_RETURNS_INT = ("select_is_vectorised", "attention_head_dim", "attention_forward", "attention_backward")
 
 
 def compiler() -> list[str] | None:
@@ -104,7 +107,8 @@ def _compile(cc: list[str], flags: list[str], version: str, out_dir: Path) -> Pa
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True)
+        subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                       check=True)
         os.replace(tmp, target)  # atomic: concurrent builders each write a whole file
     finally:
         if os.path.exists(tmp):

@@ -12,6 +12,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #define KEY_MASK 0x7fffffffu
@@ -240,4 +241,203 @@ void weight_apply(uint32_t *bits, int64_t n, uint32_t t, int64_t room) {
         uint32_t key = bits[i] & KEY_MASK;
         if (!(key > t || (key == t && room-- > 0))) bits[i] = 0;
     }
+}
+
+/* ------------------------------------------------------------------ causal attention
+ * Softmax attention over the keys at or before each query, with an optional sink logit per
+ * head (an always-visible key of zero value: it only adds exp(sink) to each row's denominator),
+ * for heads of ATTN_HEAD_DIM channels. q, k, v, z, dz, dq, dk, dv: [batch, pos, head, d_head]
+ * contiguous (TransformerLens's layout); lse: [batch, head, pos], each row's log-sum-exp with
+ * the sink. One (batch, head) pair per task, copied into contiguous scratch; every loop runs
+ * in a fixed order, so the results do not depend on the thread count. */
+#define ATTN_HEAD_DIM 16
+
+int attention_head_dim(void) { return ATTN_HEAD_DIM; }
+
+/* exp(x) for x <= 0, relative error below 2e-7 (Cephes' expf polynomial); 0 below -87.
+ * Branch-free, so loops over it vectorise. */
+static inline float exp_nonpositive(float x) {
+    float xc = x < -87.0f ? -87.0f : x;
+    float n = __builtin_rintf(xc * 1.44269504088896341f);
+    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float e = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : e * scale;
+}
+
+/* sum of s[0..n) in a fixed order (16 interleaved partial sums, so that it vectorises) */
+static float ordered_sum(const float *s, int64_t n) {
+    float acc[16] = {0};
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int u = 0; u < 16; u++) acc[u] += s[j + u];
+    for (; j < n; j++) acc[j & 15] += s[j];
+    float total = 0.0f;
+    for (int u = 0; u < 16; u++) total += acc[u];
+    return total;
+}
+
+/* max(start, s[0..n)) (16 running maxima; max is exact in any order) */
+static float row_max(const float *s, int64_t n, float start) {
+    float acc[16];
+    for (int u = 0; u < 16; u++) acc[u] = start;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int u = 0; u < 16; u++) acc[u] = s[j + u] > acc[u] ? s[j + u] : acc[u];
+    for (; j < n; j++) acc[j & 15] = s[j] > acc[j & 15] ? s[j] : acc[j & 15];
+    float m = start;
+    for (int u = 0; u < 16; u++) m = acc[u] > m ? acc[u] : m;
+    return m;
+}
+
+/* out[j] = scale * a . b_j for j < n rounded up to 16, with bt = b transposed, [HD][tp] */
+static void row_dot(const float *a, const float *bt, float *out, int64_t n, int64_t tp, float scale) {
+    for (int64_t c = 0; c < n; c += 16) {
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps();
+        for (int d = 0; d < ATTN_HEAD_DIM; d++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(a[d]), _mm512_loadu_ps(bt + d * tp + c), acc);
+        _mm512_storeu_ps(out + c, _mm512_mul_ps(acc, _mm512_set1_ps(scale)));
+#else
+        float acc[16] = {0};
+        for (int d = 0; d < ATTN_HEAD_DIM; d++)
+            for (int u = 0; u < 16; u++) acc[u] += a[d] * bt[d * tp + c + u];
+        for (int u = 0; u < 16; u++) out[c + u] = acc[u] * scale;
+#endif
+    }
+}
+
+/* acc[0..HD) = sum_j w[j] * rows[j][0..HD) for j < n (rows: [n][HD]) */
+static void weighted_rows(const float *w, const float *rows, int64_t n, float *acc) {
+#if defined(__AVX512F__)
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j++)
+        sum = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_loadu_ps(rows + j * ATTN_HEAD_DIM), sum);
+    _mm512_storeu_ps(acc, sum);
+#else
+    for (int d = 0; d < ATTN_HEAD_DIM; d++) acc[d] = 0.0f;
+    for (int64_t j = 0; j < n; j++)
+        for (int d = 0; d < ATTN_HEAD_DIM; d++) acc[d] += w[j] * rows[j * ATTN_HEAD_DIM + d];
+#endif
+}
+
+/* rows[j][0..HD) += w[j] * x[0..HD) for j < n */
+static void add_outer(float *rows, const float *w, const float *x, int64_t n) {
+#if defined(__AVX512F__)
+    __m512 xv = _mm512_loadu_ps(x);
+    for (int64_t j = 0; j < n; j++) {
+        float *r = rows + j * ATTN_HEAD_DIM;
+        _mm512_storeu_ps(r, _mm512_fmadd_ps(_mm512_set1_ps(w[j]), xv, _mm512_loadu_ps(r)));
+    }
+#else
+    for (int64_t j = 0; j < n; j++)
+        for (int d = 0; d < ATTN_HEAD_DIM; d++) rows[j * ATTN_HEAD_DIM + d] += w[j] * x[d];
+#endif
+}
+
+/* one head's rows of x into xh [T][HD] and, if xt, its transpose [HD][tp] (zero-padded) */
+static void load_head(const float *x, float *xh, float *xt, int64_t b, int64_t h, int64_t T,
+                      int64_t H, int64_t tp) {
+    for (int64_t j = 0; j < T; j++)
+        memcpy(xh + j * ATTN_HEAD_DIM, x + ((b * T + j) * H + h) * ATTN_HEAD_DIM,
+               ATTN_HEAD_DIM * sizeof(float));
+    if (xt == NULL) return;
+    memset(xt, 0, (size_t)(ATTN_HEAD_DIM * tp) * sizeof(float));
+    for (int64_t j = 0; j < T; j++)
+        for (int d = 0; d < ATTN_HEAD_DIM; d++) xt[d * tp + j] = xh[j * ATTN_HEAD_DIM + d];
+}
+
+/* returns 0, or -1 if scratch memory could not be allocated */
+int attention_forward(const float *q, const float *k, const float *v, const float *sinks,
+                      float *z, float *lse, int64_t B, int64_t T, int64_t H, float scale,
+                      int threads) {
+    const int64_t tp = (T + 15) / 16 * 16, hd = ATTN_HEAD_DIM;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|| : failed) if (threads > 1)
+    {
+        float *scratch = malloc((size_t)(3 * T * hd + hd * tp + tp) * sizeof(float));
+        float *qh = scratch, *vh = qh + T * hd, *kh = vh + T * hd, *kt = kh + T * hd, *s = kt + hd * tp;
+        failed = scratch == NULL;
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (scratch == NULL) continue;
+            int64_t b = bh / H, h = bh % H;
+            float sink = sinks ? sinks[h] : -__builtin_inff();
+            load_head(q, qh, NULL, b, h, T, H, tp);
+            load_head(k, kh, kt, b, h, T, H, tp);
+            load_head(v, vh, NULL, b, h, T, H, tp);
+            for (int64_t i = 0; i < T; i++) {
+                int64_t n = i + 1;
+                row_dot(qh + i * hd, kt, s, n, tp, scale);
+                float m = row_max(s, n, sink);
+                for (int64_t j = 0; j < n; j++) s[j] = exp_nonpositive(s[j] - m);
+                float l = ordered_sum(s, n) + (sinks ? exp_nonpositive(sink - m) : 0.0f);
+                float acc[ATTN_HEAD_DIM];
+                weighted_rows(s, vh, n, acc);
+                float *zi = z + ((b * T + i) * H + h) * hd;
+                for (int d = 0; d < ATTN_HEAD_DIM; d++) zi[d] = acc[d] / l;
+                lse[bh * T + i] = m + logf(l);
+            }
+        }
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The backward of attention_forward: dq, dk, dv, and each (batch, head)'s share of the sink
+ * gradient in dsink [batch * head] (summed over the batch by the caller). */
+int attention_backward(const float *q, const float *k, const float *v, const float *sinks,
+                       const float *z, const float *lse, const float *dz, float *dq, float *dk,
+                       float *dv, float *dsink, int64_t B, int64_t T, int64_t H, float scale,
+                       int threads) {
+    const int64_t tp = (T + 15) / 16 * 16, hd = ATTN_HEAD_DIM;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|| : failed) if (threads > 1)
+    {
+        float *scratch = malloc((size_t)(5 * T * hd + 2 * hd * tp + 3 * tp) * sizeof(float));
+        float *qh = scratch, *kh = qh + T * hd, *dkh = kh + T * hd, *dvh = dkh + T * hd;
+        float *vh = dvh + T * hd, *kt = vh + T * hd, *vt = kt + hd * tp;
+        float *p = vt + hd * tp, *dp = p + tp, *ds = dp + tp;
+        failed = scratch == NULL;
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (scratch == NULL) continue;
+            int64_t b = bh / H, h = bh % H;
+            load_head(q, qh, NULL, b, h, T, H, tp);
+            load_head(k, kh, kt, b, h, T, H, tp);
+            load_head(v, vh, vt, b, h, T, H, tp);
+            memset(dkh, 0, (size_t)(2 * T * hd) * sizeof(float)); /* dkh and dvh */
+            float d_sink = 0.0f;
+            for (int64_t i = 0; i < T; i++) {
+                int64_t n = i + 1, row = ((b * T + i) * H + h) * hd;
+                const float *qi = qh + i * hd, *zi = z + row, *dzi = dz + row;
+                float lse_i = lse[bh * T + i];
+                float dot = 0.0f;
+                for (int d = 0; d < ATTN_HEAD_DIM; d++) dot += dzi[d] * zi[d];
+                row_dot(qi, kt, p, n, tp, scale);
+                for (int64_t j = 0; j < n; j++) p[j] = exp_nonpositive(p[j] - lse_i);
+                row_dot(dzi, vt, dp, n, tp, 1.0f);
+                for (int64_t j = 0; j < n; j++) ds[j] = p[j] * (dp[j] - dot) * scale;
+                weighted_rows(ds, kh, n, dq + row);
+                add_outer(dkh, ds, qi, n);
+                add_outer(dvh, p, dzi, n);
+                if (sinks) d_sink -= exp_nonpositive(sinks[h] - lse_i) * dot;
+            }
+            for (int64_t j = 0; j < T; j++) {
+                memcpy(dk + ((b * T + j) * H + h) * hd, dkh + j * hd, hd * sizeof(float));
+                memcpy(dv + ((b * T + j) * H + h) * hd, dvh + j * hd, hd * sizeof(float));
+            }
+            dsink[bh] = d_sink;
+        }
+        free(scratch);
+    }
+    return failed ? -1 : 0;
 }
