@@ -302,10 +302,12 @@ static float row_max(const float *s, int64_t n, float start) {
 static void row_dot(const float *a, const float *bt, float *out, int64_t n, int64_t tp, float scale) {
     for (int64_t c = 0; c < n; c += 16) {
 #if defined(__AVX512F__)
-        __m512 acc = _mm512_setzero_ps();
-        for (int d = 0; d < ATTN_HEAD_DIM; d++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(a[d]), _mm512_loadu_ps(bt + d * tp + c), acc);
-        _mm512_storeu_ps(out + c, _mm512_mul_ps(acc, _mm512_set1_ps(scale)));
+        __m512 even = _mm512_setzero_ps(), odd = even; /* two chains of half the latency */
+        for (int d = 0; d < ATTN_HEAD_DIM; d += 2) {
+            even = _mm512_fmadd_ps(_mm512_set1_ps(a[d]), _mm512_loadu_ps(bt + d * tp + c), even);
+            odd = _mm512_fmadd_ps(_mm512_set1_ps(a[d + 1]), _mm512_loadu_ps(bt + (d + 1) * tp + c), odd);
+        }
+        _mm512_storeu_ps(out + c, _mm512_mul_ps(_mm512_add_ps(even, odd), _mm512_set1_ps(scale)));
 #else
         float acc[16] = {0};
         for (int d = 0; d < ATTN_HEAD_DIM; d++)
@@ -318,10 +320,19 @@ static void row_dot(const float *a, const float *bt, float *out, int64_t n, int6
 /* acc[0..HD) = sum_j w[j] * rows[j][0..HD) for j < n (rows: [n][HD]) */
 static void weighted_rows(const float *w, const float *rows, int64_t n, float *acc) {
 #if defined(__AVX512F__)
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j++)
-        sum = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_loadu_ps(rows + j * ATTN_HEAD_DIM), sum);
-    _mm512_storeu_ps(acc, sum);
+    /* four independent sums (a chain of dependent FMAs would wait on each one's latency) */
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *r = rows + j * ATTN_HEAD_DIM;
+        s0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_loadu_ps(r), s0);
+        s1 = _mm512_fmadd_ps(_mm512_set1_ps(w[j + 1]), _mm512_loadu_ps(r + ATTN_HEAD_DIM), s1);
+        s2 = _mm512_fmadd_ps(_mm512_set1_ps(w[j + 2]), _mm512_loadu_ps(r + 2 * ATTN_HEAD_DIM), s2);
+        s3 = _mm512_fmadd_ps(_mm512_set1_ps(w[j + 3]), _mm512_loadu_ps(r + 3 * ATTN_HEAD_DIM), s3);
+    }
+    for (; j < n; j++)
+        s0 = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_loadu_ps(rows + j * ATTN_HEAD_DIM), s0);
+    _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 #else
     for (int d = 0; d < ATTN_HEAD_DIM; d++) acc[d] = 0.0f;
     for (int64_t j = 0; j < n; j++)
@@ -375,10 +386,11 @@ int attention_forward(const float *q, const float *k, const float *v, const floa
             load_head(k, kh, kt, b, h, T, H, tp);
             load_head(v, vh, NULL, b, h, T, H, tp);
             for (int64_t i = 0; i < T; i++) {
-                int64_t n = i + 1;
+                int64_t n = i + 1, n16 = (n + 15) / 16 * 16;
                 row_dot(qh + i * hd, kt, s, n, tp, scale);
                 float m = row_max(s, n, sink);
-                for (int64_t j = 0; j < n; j++) s[j] = exp_nonpositive(s[j] - m);
+                /* whole 16-wide chunks (no scalar tail): entries past n are computed, unused */
+                for (int64_t j = 0; j < n16; j++) s[j] = exp_nonpositive(s[j] - m);
                 float l = ordered_sum(s, n) + (sinks ? exp_nonpositive(sink - m) : 0.0f);
                 float acc[ATTN_HEAD_DIM];
                 weighted_rows(s, vh, n, acc);
@@ -417,15 +429,16 @@ int attention_backward(const float *q, const float *k, const float *v, const flo
             memset(dkh, 0, (size_t)(2 * T * hd) * sizeof(float)); /* dkh and dvh */
             float d_sink = 0.0f;
             for (int64_t i = 0; i < T; i++) {
-                int64_t n = i + 1, row = ((b * T + i) * H + h) * hd;
+                int64_t n = i + 1, n16 = (n + 15) / 16 * 16, row = ((b * T + i) * H + h) * hd;
                 const float *qi = qh + i * hd, *zi = z + row, *dzi = dz + row;
                 float lse_i = lse[bh * T + i];
                 float dot = 0.0f;
                 for (int d = 0; d < ATTN_HEAD_DIM; d++) dot += dzi[d] * zi[d];
                 row_dot(qi, kt, p, n, tp, scale);
-                for (int64_t j = 0; j < n; j++) p[j] = exp_nonpositive(p[j] - lse_i);
+                /* whole 16-wide chunks (no scalar tail): entries past n are computed, unused */
+                for (int64_t j = 0; j < n16; j++) p[j] = exp_nonpositive(p[j] - lse_i);
                 row_dot(dzi, vt, dp, n, tp, 1.0f);
-                for (int64_t j = 0; j < n; j++) ds[j] = p[j] * (dp[j] - dot) * scale;
+                for (int64_t j = 0; j < n16; j++) ds[j] = p[j] * (dp[j] - dot) * scale;
                 weighted_rows(ds, kh, n, dq + row);
                 add_outer(dkh, ds, qi, n);
                 add_outer(dvh, p, dzi, n);
