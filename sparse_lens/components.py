@@ -26,8 +26,9 @@ from sparse_lens import attention
 from sparse_lens.abstopk import abs_topk
 from sparse_lens.config import SparseHookedTransformerConfig
 from sparse_lens.kernels import fast_kernels_enabled
+from sparse_lens.native import norm as native_norm
 
-__all__ = ["abs_topk", "maybe_topk", "make_norm", "SparseAttention", "SparseMLP",
+__all__ = ["abs_topk", "maybe_topk", "make_norm", "SparseRMSNorm", "SparseAttention", "SparseMLP",
            "SparseTransformerBlock"]
 
 
@@ -39,8 +40,23 @@ def maybe_topk(
 
 
 def make_norm(cfg: SparseHookedTransformerConfig, length: int) -> nn.Module:
-    """The config's pre-norm (RMSNorm or LayerNorm) over `length` channels."""
-    return RMSNorm(cfg, length) if cfg.normalization_type == "RMS" else LayerNorm(cfg, length)
+    """The config's pre-norm (`SparseRMSNorm` or TransformerLens's LayerNorm) over `length`
+    channels."""
+    return SparseRMSNorm(cfg, length) if cfg.normalization_type == "RMS" else LayerNorm(cfg, length)
+
+
+class SparseRMSNorm(RMSNorm):
+    """TransformerLens's `RMSNorm`; when nothing hooks `hook_scale` or `hook_normalized` (and the
+    fast kernels are on), its forward and backward run fused (`native.norm`, CPU float32) with
+    the same values to float tolerance."""
+
+    def forward(self, x):
+        if (fast_kernels_enabled() and not _observed(self.hook_scale)
+                and not _observed(self.hook_normalized)):
+            y = native_norm.rms_norm(x, self.w, self.eps)
+            if y is not None:
+                return y
+        return super().forward(x)
 
 
 class SparseAttention(Attention):
@@ -169,6 +185,8 @@ class SparseTransformerBlock(TransformerBlock):
         super().__init__(cfg, block_index)
         self.attn = SparseAttention(cfg, "global", block_index)
         self.mlp = SparseMLP(cfg)
+        if cfg.normalization_type == "RMS":
+            self.ln1, self.ln2 = make_norm(cfg, cfg.d_model), make_norm(cfg, cfg.d_model)
         self.hook_attn_read = HookPoint()  # [batch, pos, d_model]
         self.hook_mlp_read = HookPoint()  # [batch, pos, d_model]
         if cfg.d_pos_emb is not None:

@@ -30,7 +30,7 @@ from transformer_lens.utilities import USE_DEFAULT_VALUE
 from transformers import PreTrainedTokenizerBase
 
 from sparse_lens import checkpoint, sparsity
-from sparse_lens.components import SparseTransformerBlock
+from sparse_lens.components import SparseTransformerBlock, make_norm
 from sparse_lens.config import SparseHookedTransformerConfig
 from sparse_lens.kernels import fast_kernels_enabled
 
@@ -93,6 +93,8 @@ class SparseHookedTransformer(HookedTransformer):
         self.blocks = nn.ModuleList(
             [SparseTransformerBlock(cfg, i) for i in range(cfg.n_layers)]
         )  # type: ignore[assignment]
+        if cfg.normalization_type == "RMS":
+            self.ln_final = make_norm(cfg, cfg.d_model)  # fused when nothing hooks inside it
         if cfg.d_pos_emb is not None:
             # positions of their own width, concatenated to each block's reads (see get_residual)
             self.pos_embed.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_pos_emb, dtype=cfg.dtype))

@@ -252,3 +252,53 @@ def test_attention_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+# --------------------------------------------------------------------------- RMS norm
+def test_rms_norm_matches_transformer_lens_and_hooks_take_its_own_path():
+    from transformer_lens.components import RMSNorm
+
+    from sparse_lens.components import SparseRMSNorm
+    from sparse_lens.config import SparseHookedTransformerConfig
+
+    cfg = SparseHookedTransformerConfig.preset("tiny")
+    gen = torch.Generator().manual_seed(0)
+    plain, fused = RMSNorm(cfg, 48), SparseRMSNorm(cfg, 48)
+    with torch.no_grad():
+        plain.w.normal_(generator=gen)
+        fused.w.copy_(plain.w)
+    x = torch.randn(3, 70, 48, generator=gen, requires_grad=True)  # 210 rows: 4 blocks of 64
+    dy = torch.randn(3, 70, 48, generator=gen)
+    results = []
+    for norm in (plain, fused):
+        x.grad = None
+        y = norm(x)
+        y.backward(dy)
+        results.append((y.detach(), x.grad.clone(), norm.w.grad.clone()))
+    for a, b in zip(*results):  # dw sums 210 rows: float32 rounding in another order
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    seen = []
+    fused.hook_normalized.add_hook(lambda t, hook: seen.append(t.shape))
+    torch.testing.assert_close(fused(x), results[0][0], rtol=1e-5, atol=1e-6)
+    assert seen == [x.shape]  # a hook inside the norm: TransformerLens's forward runs
+    fused.hook_normalized.remove_hooks()
+
+
+def test_rms_norm_does_not_depend_on_the_thread_count():
+    from sparse_lens.native import norm as native_norm
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 256, generator=gen, requires_grad=True)
+    w = torch.randn(256, generator=gen, requires_grad=True)
+    dy = torch.randn(300, 256, generator=gen)
+    threads, out = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x.grad = w.grad = None
+            y = native_norm.rms_norm(x, w, 1e-5)
+            y.backward(dy)
+            out.append((y.detach(), x.grad.clone(), w.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*out))

@@ -48,6 +48,8 @@ _SIGNATURES = {
     "attention_head_dim": [],
     "attention_forward": [_P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_float, _INT],
     "attention_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_float, _INT],
+    "rms_norm_forward": [_P, _P, _P, _P, _I, _I, ctypes.c_float, _INT],
+    "rms_norm_backward": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _INT],
 }
 _RETURNS_INT = ("select_is_vectorised", "attention_head_dim", "attention_forward", "attention_backward")
 

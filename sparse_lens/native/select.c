@@ -454,3 +454,67 @@ int attention_backward(const float *q, const float *k, const float *v, const flo
     }
     return failed ? -1 : 0;
 }
+
+/* ------------------------------------------------------------------ RMS norm
+ * y = (x / s) * w per row of x [rows, dim], s = sqrt(mean(x^2) + eps) (TransformerLens's
+ * RMSNorm); s is kept per row for the backward. Rows are independent; the weight gradient is
+ * summed over fixed blocks of rows and then over the blocks in order, so no result depends on
+ * the thread count. */
+#define NORM_BLOCK_ROWS 64
+
+static float sum_of_squares(const float *x, int64_t n) {
+    float acc[16] = {0};
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int u = 0; u < 16; u++) acc[u] += x[j + u] * x[j + u];
+    for (; j < n; j++) acc[j & 15] += x[j] * x[j];
+    float total = 0.0f;
+    for (int u = 0; u < 16; u++) total += acc[u];
+    return total;
+}
+
+void rms_norm_forward(const float *x, const float *w, float *y, float *scale, int64_t rows,
+                      int64_t dim, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * dim >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *yr = y + r * dim;
+        float s = sqrtf(sum_of_squares(xr, dim) / (float)dim + eps);
+        for (int64_t j = 0; j < dim; j++) yr[j] = xr[j] / s * w[j];
+        scale[r] = s;
+    }
+}
+
+/* dx = (g - xh * mean(g * xh)) / s with g = dy * w, xh = x / s; dw = sum over rows of dy * xh.
+ * partial: [ceil(rows / NORM_BLOCK_ROWS), dim] scratch. */
+void rms_norm_backward(const float *x, const float *w, const float *scale, const float *dy,
+                       float *dx, float *dw, float *partial, int64_t rows, int64_t dim, int threads) {
+    int64_t blocks = (rows + NORM_BLOCK_ROWS - 1) / NORM_BLOCK_ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * dim >= PARALLEL_MIN)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        float *pw = partial + blk * dim;
+        for (int64_t j = 0; j < dim; j++) pw[j] = 0.0f;
+        int64_t end = (blk + 1) * NORM_BLOCK_ROWS < rows ? (blk + 1) * NORM_BLOCK_ROWS : rows;
+        for (int64_t r = blk * NORM_BLOCK_ROWS; r < end; r++) {
+            const float *xr = x + r * dim, *gr = dy + r * dim;
+            float *dxr = dx + r * dim;
+            float inv = 1.0f / scale[r];
+            float acc[16] = {0};
+            int64_t j = 0;
+            for (; j + 16 <= dim; j += 16)
+                for (int u = 0; u < 16; u++) acc[u] += gr[j + u] * w[j + u] * (xr[j + u] * inv);
+            for (; j < dim; j++) acc[j & 15] += gr[j] * w[j] * (xr[j] * inv);
+            float dot = 0.0f;
+            for (int u = 0; u < 16; u++) dot += acc[u];
+            float mean = dot / (float)dim;
+            for (j = 0; j < dim; j++) {
+                float xh = xr[j] * inv;
+                dxr[j] = (gr[j] * w[j] - xh * mean) * inv;
+                pw[j] += gr[j] * xh;
+            }
+        }
+    }
+    for (int64_t j = 0; j < dim; j++) dw[j] = 0.0f;
+    for (int64_t blk = 0; blk < blocks; blk++)
+        for (int64_t j = 0; j < dim; j++) dw[j] += partial[blk * dim + j];
+}
