@@ -14,8 +14,9 @@ Two implementations with the same result (`kernels.reference_kernels()` selects 
 - `abs_topk_reference`: `torch.topk` on |x|, then a scatter of the kept values into zeros.
 
 Measured (`benchmarks/bench_training.py`, small preset, 8 x 128 tokens, 2 threads, idle
-machine): the 32 AbsTopK calls of one training step, forward and backward, isolated, 15.6 ms
-against 82.2 ms for the reference (NumPy's selection, the path before the native kernels: 46 ms).
+machine): the 32 AbsTopK calls of one training step, forward and backward, isolated, 16.5 ms
+against 95.7 ms for the reference (NumPy's selection, the path before the native kernels, took
+46 ms in an earlier run of the same benchmark).
 
 Ties. Exactly `k` entries are kept in every row. Where several entries tie with the k-th largest
 |x|, the fast path keeps the tied entries at the lowest positions (first along the last axis);

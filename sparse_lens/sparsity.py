@@ -27,7 +27,7 @@ W_U        [d_model, d_vocab]      (1,)       d_model
 Selection method. `project_` on CPU float32, with the fast kernels on (`kernels`), runs the
 native kernel (`native.selection.project_`): one bisection on the magnitudes' bit patterns for
 the k-th largest, the per-unit counts, and the zeroing, in C (the `small` preset's 26 matrices:
-4.6 ms against 20.9 ms, `benchmarks/bench_training.py`); where the plain top-k leaves a unit
+5.0 ms against 23.2 ms, `benchmarks/bench_training.py`); where the plain top-k leaves a unit
 under its floor, or elsewhere, it runs `keep_mask`. (Ties with the k-th largest |w|: the native
 kernel keeps the lowest positions, `keep_mask` those `torch.topk` returns.) There the floor is
 one `topk(j)` along the fan-in of a `[units, fan_in]` view, and the global selection over the

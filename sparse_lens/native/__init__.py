@@ -1,9 +1,11 @@
-"""Native (C) kernels for the training step's exact selections by magnitude, on CPU.
+"""Native (C) kernels for the training step on CPU: exact selections by magnitude, attention, norm.
 
-`select.c` holds them: AbsTopK (each row's k-th largest |x| by bisection on the bit patterns,
-AVX-512 where the CPU has it, then the output and the byte mask in one pass), its backward, and
-the weight projection's global top-k with the per-unit counts. `selection` wraps them for
-tensors; each has a PyTorch/NumPy twin that computes the same bits, and the tests compare them.
+`kernels.c` holds them: AbsTopK (each row's k-th largest |x| by bisection on the bit patterns,
+AVX-512 where the CPU has it, then the output and the byte mask in one pass), its backward, the
+weight projection's global top-k with the per-unit counts (wrapped for tensors in `selection`;
+each has a PyTorch/NumPy twin that computes the same bits), causal attention for 16-wide heads
+(`attention`) and RMSNorm (`norm`), both equal to TransformerLens's to float tolerance. The
+tests compare every kernel with its twin or with TransformerLens.
 The file is compiled on first use with `$CC`, the compiler Python was built with, or `cc`
 (`-O3 -march=native -fopenmp`; a flag the compiler refuses is dropped, `-march=native` first)
 into `data.default_cache_dir()/native/`, under a name that hashes the source, the flags, the
@@ -31,7 +33,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("select.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 #: dropped one at a time, in this order, when the compiler refuses them (an older compiler
 #: that does not know this CPU; Apple's clang, which has no OpenMP: then one thread)
@@ -74,7 +76,7 @@ def _cpu_fingerprint() -> str:
 
 
 def build(cache_dir: Path | None = None) -> Path:
-    """Compile `select.c` into the cache (once per source, flags, compiler and CPU); returns
+    """Compile `kernels.c` into the cache (once per source, flags, compiler and CPU); returns
     the shared library's path. Flags the compiler refuses are dropped (`_OPTIONAL_FLAGS`).
     Raises `OSError` or `subprocess.CalledProcessError` if even the plain build fails."""
     from sparse_lens.data import default_cache_dir
@@ -102,7 +104,7 @@ def build(cache_dir: Path | None = None) -> Path:
 def _compile(cc: list[str], flags: list[str], version: str, out_dir: Path) -> Path:
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(),
                                      _cpu_fingerprint().encode()])).hexdigest()[:16]
-    target = out_dir / f"select-{key}.so"
+    target = out_dir / f"kernels-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Causal attention with optional sinks by the native kernel (`select.c`), on CPU in float32.
+"""Causal attention with optional sinks by the native kernel (`kernels.c`), on CPU in float32.
 
 Every preset's heads are 16 wide, where PyTorch's CPU flash-attention kernel spends most of its
 time on overheads. The C kernel is written for exactly that width (`attention_head_dim()`; other

@@ -1,4 +1,4 @@
-"""Tensor-facing wrappers of the native kernels (`select.c`): AbsTopK and the weight projection.
+"""Tensor-facing wrappers of the native kernels (`kernels.c`): AbsTopK and the weight projection.
 
 Each returns None (or False) where the kernels do not apply (not CPU float32, or the library did
 not load) and the caller then runs its PyTorch/NumPy twin, which gives the same bits

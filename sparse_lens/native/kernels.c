@@ -1,12 +1,15 @@
-/* Exact top-k selection by magnitude for float32, in one pass over memory where possible.
+/* The training step's native kernels on CPU, float32: exact top-k selection by magnitude
+ * (AbsTopK, the weight projection), causal attention for 16-wide heads, RMSNorm.
  *
- * Built and loaded by sparse_lens/native/__init__.py (ctypes); every function has a pure
- * PyTorch/NumPy twin in Python that the tests compare it with.
+ * Built and loaded by sparse_lens/native/__init__.py (ctypes). The selections have
+ * PyTorch/NumPy twins that give the same bits; attention and RMSNorm equal TransformerLens's to
+ * float tolerance; tests/test_native.py compares them all.
  *
  * Keys. For a float32 x, key(x) = bits(x) & 0x7fffffff orders |x| as unsigned integers do
  * (a NaN is above +inf, as torch.topk puts it). The k-th largest key T of a set is found by
- * bisection on the integer key: count(key >= mid) is a branch-free loop the compiler
- * vectorises; once few candidates remain between the bounds they are sorted directly.
+ * bisection on the integer key: count(key >= mid) is a branch-free loop (AVX-512 intrinsics
+ * where available); once few candidates remain between the bounds they are gathered and the
+ * bisection goes on over them alone.
  * Ties: every entry with key > T is kept, then the entries with key == T in position order
  * (lowest first) until exactly k are kept.
  */
