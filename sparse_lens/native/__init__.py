@@ -33,6 +33,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
+
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 #: dropped one at a time, in this order, when the compiler refuses them (an older compiler
@@ -136,3 +138,10 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = ctypes.c_int if name in _RETURNS_INT else None
     return lib
+
+
+def library_for(*tensors):
+    """The kernels if they apply to all `tensors` (CPU float32) and load, else None."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    return library()

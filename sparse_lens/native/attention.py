@@ -28,10 +28,7 @@ def causal_attention(
     """z of causal attention (`softmax(scale * q.k)` over the keys at or before each query, each
     head's sink logit in the denominator if given, applied to v); None where the kernel does not
     apply (not CPU float32 throughout, another head width, or no native library)."""
-    tensors = (q, k, v) if sinks is None else (q, k, v, sinks)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return None
-    lib = native.library()
+    lib = native.library_for(q, k, v, *(() if sinks is None else (sinks,)))
     if lib is None or q.shape[-1] != lib.attention_head_dim():
         return None
     return _NativeAttention.apply(q, k, v, sinks, scale)

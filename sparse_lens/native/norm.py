@@ -19,9 +19,7 @@ def rms_norm(x: Float[torch.Tensor, "... length"], w: Float[torch.Tensor, " leng
              eps: float) -> Float[torch.Tensor, "... length"] | None:
     """RMSNorm of `x` over its last axis times `w`; None where the kernel does not apply (not
     CPU float32, or no native library)."""
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (x, w)):
-        return None
-    if native.library() is None:
+    if native.library_for(x, w) is None:
         return None
     return _RMSNorm.apply(x, w, eps)
 

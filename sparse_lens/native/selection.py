@@ -18,13 +18,6 @@ from jaxtyping import Float, UInt8
 from sparse_lens import native
 
 
-def _library_for(x: torch.Tensor):
-    """The native kernels if they apply to `x` (CPU float32) and load, else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return None
-    return native.library()
-
-
 def abs_topk(
     x: Float[torch.Tensor, "... dim"], k: int, kth_largest: Callable[[np.ndarray, int], np.ndarray]
 ) -> tuple[Float[torch.Tensor, "... dim"], UInt8[torch.Tensor, "... dim"]] | None:
@@ -33,7 +26,7 @@ def abs_topk(
     kernels do not apply. Each row's threshold comes from the kernel's own selection where it is
     vectorised (AVX-512), else from `kth_largest(keys [rows, dim] int32, k) -> [rows]` (NumPy's
     selection, faster than the plain-C one on short rows)."""
-    lib = _library_for(x)
+    lib = native.library_for(x)
     if lib is None:
         return None
     x = x.detach().contiguous()
@@ -57,7 +50,7 @@ def abs_topk(
 def mul_keep(grad: Float[torch.Tensor, "..."], keep: UInt8[torch.Tensor, "..."]) -> torch.Tensor | None:
     """grad * keep (AbsTopK's backward; `keep` contiguous, of grad's shape), or None where the
     kernels do not apply."""
-    lib = _library_for(grad)
+    lib = native.library_for(grad)
     if lib is None:
         return None
     grad = grad.contiguous()
@@ -76,7 +69,7 @@ def project_(weight: Float[torch.Tensor, "*shape"], k: int, min_per_unit: int,
     whether it projected `weight` (in place, its version counter bumped as an in-place op's)."""
     if not weight.is_contiguous() or not 0 < k < weight.numel():
         return False
-    lib = _library_for(weight)
+    lib = native.library_for(weight)
     blocks = unit_blocks(weight.shape, unit_dims)
     if lib is None or blocks is None or blocks[0] * blocks[2] * min_per_unit > k:
         return False
