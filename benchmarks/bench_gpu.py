@@ -9,6 +9,12 @@ Without CUDA it says so and exits 0 (nothing is measured). For each preset and d
 phase bracketed by `torch.cuda.synchronize()`; prints the median per phase, its share of the
 step, tokens/s and the peak allocated memory. The goal: the projection under 10% of a step at
 `paper` size. Weights are random at the preset's target L0 (the cost does not depend on training).
+
+Then (unless `--no-graph`) the same step as one CUDA graph (`training.graphed.StaticStep`,
+`sparse-lens train --cuda-graph`): the median of `--steps` replays after its warm-up and capture,
+side by side with the eager step, and the ratio of their tokens/s.
+
+    .venv/bin/python benchmarks/bench_gpu.py --presets wide --dtypes float32 bf16 --batch-size 64
 """
 
 from __future__ import annotations
@@ -84,6 +90,41 @@ def bench(preset: str, dtype: str, batch_size: int, steps: int, warmup: int,
     return median
 
 
+def bench_graphed(preset: str, dtype: str, batch_size: int, steps: int, eager_seconds: float) -> float:
+    """Median seconds of one replay of the captured step (`StaticStep`), printed beside the eager
+    step's `eager_seconds`."""
+    from sparse_lens.config import SparseHookedTransformerConfig
+    from sparse_lens.model import SparseHookedTransformer
+    from sparse_lens.training import TrainConfig, make_optimizer
+    from sparse_lens.training.graphed import WARMUP_STEPS, StaticStep
+
+    cfg = SparseHookedTransformerConfig.preset(preset, device="cuda")
+    torch.manual_seed(0)
+    model = SparseHookedTransformer(cfg).train()
+    model.project_weights_()
+    tc = TrainConfig(batch_size=batch_size, dtype=dtype, device="cuda", cuda_graph=True)
+    step = StaticStep(model, make_optimizer(model, tc), tc, (batch_size, cfg.n_ctx))
+    tokens = torch.randint(0, cfg.d_vocab, (batch_size, cfg.n_ctx), device="cuda")
+    t = time.perf_counter()
+    for _ in range(WARMUP_STEPS + 1):  # eager warm-up, then the capture and its first replay
+        step(tokens, 1e-3, cfg.weight_l0)
+    capture_s = time.perf_counter() - t
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        step(tokens, 1e-3, cfg.weight_l0)  # reads the loss back: synchronised
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    tokens_per_step = batch_size * cfg.n_ctx
+    print(f"  CUDA graph: step {median * 1e3:.1f} ms, {tokens_per_step / median:,.0f} tokens/s "
+          f"against {tokens_per_step / eager_seconds:,.0f} eager: {eager_seconds / median:.2f}x "
+          f"(warm-up and capture {capture_s:.1f} s)")
+    del model, step
+    torch.cuda.empty_cache()
+    return median
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["small", "paper"])
@@ -91,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph step")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device (torch.cuda.is_available() is False): skipped, nothing measured")
@@ -98,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     for preset in args.presets:
         for dtype in args.dtypes:
-            bench(preset, dtype, args.batch_size, args.steps, args.warmup)
+            eager = bench(preset, dtype, args.batch_size, args.steps, args.warmup)
+            if not args.no_graph:
+                bench_graphed(preset, dtype, args.batch_size, args.steps, sum(eager.values()))
     return 0
 
 

@@ -6,9 +6,12 @@ The recipe behind the `wide-gpu` checkpoint, written for a lent GPU machine whos
 short (minutes) and whose files come back only as a few files of at most 16 MiB:
 
 1. time the real training step (`benchmarks/bench_gpu.py`) of `wide` for each batch size and
-   dtype in `--batches` x `--dtypes`, and take the one with most tokens/s;
+   dtype in `--batches` x `--dtypes`, eagerly and captured in a CUDA graph (`sparse-lens train
+   --cuda-graph`, `training.graphed`; unless `--no-cuda-graph`), and take the candidate with most
+   tokens/s among those that fit at least `--min-steps` steps into the budget;
 2. steps = `--budget-s` / that step time (rounded down to a multiple of 100): the run ends on
-   its schedule (the L0 anneal and the LR decay complete) rather than being cut off;
+   its schedule (the L0 anneal and the LR decay complete) rather than being cut off; a run
+   that fails in bf16 or as a graph is retried eagerly in float32;
 3. `sparse-lens train --preset wide --device cuda ...`, keeping snapshots every steps/8;
 4. pack the finished model and the snapshots taken at or after the end of the L0 anneal (each
    about 2.5 MB in `sparse_lens.pretrained`'s format; earlier ones are nearly dense) into
@@ -82,8 +85,10 @@ class Driver:
                 return proc.wait()
 
 
-def probe_steps(driver: Driver) -> list[tuple[int, str, float]]:
-    """(batch size, dtype, seconds per step) for each candidate, timed with bench_gpu's step."""
+def probe_steps(driver: Driver) -> list[tuple[int, str, bool, float]]:
+    """(batch size, dtype, CUDA graph, seconds per step) for each candidate, timed with
+    bench_gpu's eager step and, with `--cuda-graph`, its captured step (a capture that fails is
+    logged and left out)."""
     a = driver.args
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
     bench_gpu = importlib.util.module_from_spec(spec)
@@ -96,21 +101,32 @@ def probe_steps(driver: Driver) -> list[tuple[int, str, float]]:
             seconds = sum(median.values())
             driver.log(f"probe {a.preset} {dtype} batch {batch}: {seconds * 1e3:.1f} ms/step, "
                        f"{batch / seconds:,.1f} sequences/s")
-            probes.append((batch, dtype, seconds))
+            probes.append((batch, dtype, False, seconds))
+            if not (a.cuda_graph and a.device == "cuda"):
+                continue
+            try:
+                graphed = bench_gpu.bench_graphed(a.preset, dtype, batch, a.probe_steps, seconds)
+            except Exception as err:  # noqa: BLE001  (any failure to capture: train eagerly)
+                driver.log(f"probe {a.preset} {dtype} batch {batch} as a CUDA graph failed: {err!r}")
+                continue
+            driver.log(f"probe {a.preset} {dtype} batch {batch} as a CUDA graph: "
+                       f"{graphed * 1e3:.1f} ms/step, {batch / graphed:,.1f} sequences/s")
+            probes.append((batch, dtype, True, graphed))
     return probes
 
 
-def choose(probes: list[tuple[int, str, float]], budget_s: float, min_steps: int) -> tuple[int, str, int]:
-    """(batch, dtype, steps): most sequences/s among the candidates whose steps within the budget
-    (10% kept for evaluation and checkpoints; a multiple of 100) are at least `min_steps`; if
-    none, the most steps."""
-    options = [(batch, dtype, int(budget_s / (seconds * 1.1)) // 100 * 100)
-               for batch, dtype, seconds in probes]
-    enough = [o for o in options if o[2] >= min_steps]
+def choose(probes: list[tuple[int, str, bool, float]], budget_s: float,
+           min_steps: int) -> tuple[int, str, bool, int]:
+    """(batch, dtype, graph, steps): most sequences/s among the candidates whose steps within the
+    budget (10% kept for evaluation and checkpoints; a multiple of 100) are at least
+    `min_steps`; if none, the most steps."""
+    options = [(batch, dtype, graph, int(budget_s / (seconds * 1.1)) // 100 * 100)
+               for batch, dtype, graph, seconds in probes]
+    enough = [o for o in options if o[3] >= min_steps]
     if enough:
-        return max(enough, key=lambda o: o[0] * o[2])
-    batch, dtype, steps = max(options, key=lambda o: o[2])
-    return batch, dtype, max(steps, 100)
+        return max(enough, key=lambda o: o[0] * o[3])
+    batch, dtype, graph, steps = max(options, key=lambda o: o[3])
+    return batch, dtype, graph, max(steps, 100)
 
 
 def train_argv(a: argparse.Namespace, out: Path, batch: int, dtype: str, steps: int,
@@ -120,9 +136,11 @@ def train_argv(a: argparse.Namespace, out: Path, batch: int, dtype: str, steps: 
             "--no-progress", "--overwrite", *extra]
 
 
-def sparse_argv(a: argparse.Namespace, out: Path, batch: int, dtype: str, steps: int) -> list[str]:
+def sparse_argv(a: argparse.Namespace, out: Path, batch: int, dtype: str, steps: int,
+                graph: bool = False) -> list[str]:
     """The sparse run: evaluated 40 times, a checkpoint every quarter, a snapshot every eighth."""
-    return train_argv(a, out, batch, dtype, steps, "--eval-every", str(max(steps // 40, 1)),
+    return train_argv(a, out, batch, dtype, steps, *(["--cuda-graph"] if graph else []),
+                      "--eval-every", str(max(steps // 40, 1)),
                       "--checkpoint-every", str(max(steps // 4, 1)),
                       "--snapshot-every", str(max(steps // 8, 1)))
 
@@ -178,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--dtypes", nargs="+", default=["bf16", "float32"])
     p.add_argument("--probe-steps", type=int, default=8)
-    p.add_argument("--min-steps", type=int, default=2000)
+    p.add_argument("--min-steps", type=int, default=8000,
+                   help="fewest steps a candidate must fit (2,100 large steps lost to 20,000 small ones)")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="probe and train the eager step only")
     p.add_argument("--runs", default="/tmp/runs")
     p.add_argument("--final-bench", action="store_true",
                    help="finish with bench_gpu.py --presets small paper, time allowing")
@@ -190,17 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{a.preset}-gpu"
 
     probes = probe_steps(d)
-    batch, dtype, steps = choose(probes, a.budget_s, a.min_steps)
-    d.log(f"chose {dtype}, batch {batch} x n_ctx, {steps} steps")
+    batch, dtype, graph, steps = choose(probes, a.budget_s, a.min_steps)
+    d.log(f"chose {dtype}, batch {batch} x n_ctx, {'a CUDA graph, ' if graph else ''}{steps} steps")
     sparse_dir = runs / name
-    command = sparse_argv(a, sparse_dir, batch, dtype, steps)
+    command = sparse_argv(a, sparse_dir, batch, dtype, steps, graph)
     rc = d.run(command, d.left() - 120)
     d.log(f"sparse training exit code {rc}")
-    if rc != 0 and dtype != "float32" and d.left() > 240:  # e.g. a non-finite loss under bf16
-        batch, dtype, steps = choose([pr for pr in probes if pr[1] == "float32"] or probes,
-                                     d.left() - 200, a.min_steps)
-        d.log(f"retrying in {dtype}, batch {batch}, {steps} steps")
-        command = sparse_argv(a, sparse_dir, batch, dtype, steps)
+    if rc != 0 and (graph or dtype != "float32") and d.left() > 240:  # bf16 NaN, a failed graph
+        eager_fp32 = [pr for pr in probes if pr[1] == "float32" and not pr[2]]
+        batch, dtype, graph, steps = choose(eager_fp32 or probes, d.left() - 200, a.min_steps)
+        d.log(f"retrying eagerly in {dtype}, batch {batch}, {steps} steps")
+        command = sparse_argv(a, sparse_dir, batch, dtype, steps, graph)
         rc = d.run(command, d.left() - 120)
         d.log(f"sparse training exit code {rc}")
     pack_root = runs / "pack"
@@ -225,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     target = final_val_loss(sparse_dir) if rc == 0 else None
     if target is not None and d.left() > 90:
         dense_dir = runs / f"{name}-dense"
-        rc = d.run(train_argv(a, dense_dir, batch, dtype, steps, "--dense", "--stop-at-val-loss", f"{target}",
+        rc = d.run(train_argv(a, dense_dir, batch, dtype, steps, *(["--cuda-graph"] if graph else []),
+                              "--dense", "--stop-at-val-loss", f"{target}",
                               "--eval-every", "20", "--checkpoint-every", str(steps)), d.left() - 60)
         d.log(f"dense training exit code {rc}; validation loss {final_val_loss(dense_dir)} "
               f"(target {target:.4f})")

@@ -43,6 +43,8 @@ def add_train_flags(t: argparse.ArgumentParser) -> None:
 TRAIN_HELP = dict(
     device="cpu or cuda (under torchrun: one GPU a process)",
     dtype="float32, or bf16: the forward pass under bfloat16 autocast (for CUDA)",
+    cuda_graph="capture the whole step once in a CUDA graph and replay it (training.graphed; "
+    "the small presets' GPU step is launch-bound; off CUDA it runs eagerly, slower)",
     sources="directories, files or globs of .py files (default: the standard library)",
     max_files="use a deterministic subset of files",
     snapshot_every="keep a model directory every N steps in <out>/snapshots/ (learning curves)",

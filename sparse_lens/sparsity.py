@@ -52,7 +52,7 @@ from jaxtyping import Bool, Float
 from sparse_lens.kernels import fast_kernels_enabled
 from sparse_lens.native import selection
 
-__all__ = ["nonzero_budget", "units_view", "keep_mask", "project_", "l0_at_step", "lr_at_step",
+__all__ = ["nonzero_budget", "unit_layout", "units_view", "keep_mask", "project_", "l0_at_step", "lr_at_step",
            "ANNEAL_KINDS"]
 
 #: The interpolations `l0_at_step` supports.
@@ -105,7 +105,7 @@ def _as_int(value: object, name: str) -> int:
         raise ValueError(f"{name} must be an integer; got {value!r}") from err
 
 
-def _layout(
+def unit_layout(
     shape: Sequence[int], min_per_unit: int, unit_dims: Sequence[int]
 ) -> tuple[tuple[int, ...], tuple[int, ...], int, int]:
     """Validate `min_per_unit` and `unit_dims` against `shape`; return the permutation putting
@@ -210,7 +210,7 @@ def keep_mask(weight: Float[torch.Tensor, "*shape"], k: int, min_per_unit: int,
     k = _as_int(k, "k")
     if not 0 <= k <= weight.numel():
         raise ValueError(f"k must be in [0, numel={weight.numel()}]; got {k}")
-    perm, permuted_shape, n_units, fan_in = _layout(weight.shape, min_per_unit, unit_dims)
+    perm, permuted_shape, n_units, fan_in = unit_layout(weight.shape, min_per_unit, unit_dims)
 
     # |w| in weight's own layout (one weight-sized temporary); the mask too, so that project_'s
     # masked_fill_ and the global selection run on contiguous memory.
@@ -287,7 +287,7 @@ def project_(
     """
     _check_l0(l0, "l0")
     numel = weight.numel()
-    _, _, n_units, _ = _layout(weight.shape, min_per_unit, unit_dims)  # validates the arguments
+    _, _, n_units, _ = unit_layout(weight.shape, min_per_unit, unit_dims)  # validates the arguments
     if l0 == 1.0:
         return numel
     k = nonzero_budget(numel, l0)

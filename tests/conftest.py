@@ -1,3 +1,4 @@
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -39,3 +40,23 @@ def save_tiny_model_with_means(tokenizer, path):
     means = compute_node_means(model, NodeRegistry.for_model(model), stream, n_tokens=1024)
     save_node_means(means, path, 1024)
     return model, means
+
+
+@contextlib.contextmanager
+def killed_at_step(monkeypatch, step: int):
+    """Inside the body, drawing the batch of training step `step` raises KeyboardInterrupt (a run
+    killed there, before that step's update); the real sampler is back afterwards."""
+    from sparse_lens import data
+
+    real_sample = data.sample_batch
+
+    def sample(tokens, batch_size, seq_len, at, seed):
+        if at == step:
+            raise KeyboardInterrupt("killed")
+        return real_sample(tokens, batch_size, seq_len, at, seed)
+
+    monkeypatch.setattr(data, "sample_batch", sample)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(data, "sample_batch", real_sample)

@@ -74,6 +74,34 @@ def test_cuda_bf16_training_node_means_pruning_and_csr(corpus, tmp_path):
     torch.testing.assert_close(csr, dense, rtol=0, atol=1e-4)
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bf16"])
+def test_the_captured_step_replays_what_the_eager_static_step_computes(dtype):
+    """`StaticStep` on CUDA: three eager warm-up steps, a capture, then replays; against the same
+    step run eagerly on the same device (no capture), step for step."""
+    from sparse_lens.model import SparseHookedTransformer
+    from sparse_lens.training import make_optimizer
+    from sparse_lens.training.graphed import StaticStep
+
+    cfg = SparseHookedTransformerConfig.preset("tiny", n_ctx=32, device="cuda")
+    tc = TrainConfig(batch_size=2, seq_len=32, dtype=dtype, device="cuda", cuda_graph=True)
+    models, steps = [], []
+    for capture in (True, False):
+        torch.manual_seed(0)
+        model = SparseHookedTransformer(cfg).train()
+        models.append(model)
+        steps.append(StaticStep(model, make_optimizer(model, tc), tc, (2, 32), capture=capture))
+    for i in range(6):
+        tokens = torch.randint(0, cfg.d_vocab, (2, 32), device="cuda",
+                               generator=torch.Generator("cuda").manual_seed(i))
+        l0, lr = tc.schedule(i, cfg.weight_l0)
+        losses = [step(tokens, lr, l0) for step in steps]
+        assert abs(losses[0] - losses[1]) < 1e-4, (i, losses)
+    assert steps[0].graph is not None and steps[1].graph is None
+    for (name, a), (_, b) in zip(*(m.named_parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _gpu_recipe():
     return load_script("scripts/gpu_train_wide.py")
 
@@ -83,10 +111,13 @@ def test_the_gpu_recipe_fits_the_most_tokens_into_its_budget_with_enough_steps()
     steps (10% kept for evaluation, a multiple of 100) reach the minimum; else the most steps.
     The figures are the H200's probes of 2026-12-04 (results/gpu/summary.md)."""
     choose = _gpu_recipe().choose
-    probes = [(64, "bf16", 0.0639), (256, "bf16", 0.1068), (256, "float32", 0.1323)]
-    assert choose(probes, budget_s=250, min_steps=2000) == (256, "bf16", 2100)
-    assert choose(probes, budget_s=250, min_steps=3000) == (64, "bf16", 3500)
-    assert choose(probes, budget_s=10, min_steps=2000) == (64, "bf16", 100)  # none reaches it
+    probes = [(64, "bf16", False, 0.0639), (256, "bf16", False, 0.1068), (256, "float32", False, 0.1323)]
+    assert choose(probes, budget_s=250, min_steps=2000) == (256, "bf16", False, 2100)
+    assert choose(probes, budget_s=250, min_steps=3000) == (64, "bf16", False, 3500)
+    assert choose(probes, budget_s=10, min_steps=2000) == (64, "bf16", False, 100)  # none reaches it
+    # a captured step (made-up timings) that fits the minimum wins on tokens
+    graphed = [*probes, (64, "bf16", True, 0.008), (256, "bf16", True, 0.03)]
+    assert choose(graphed, budget_s=250, min_steps=8000) == (64, "bf16", True, 28400)
 
 
 def test_the_gpu_recipe_splits_what_it_ships_into_parts_that_join_back(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import killed_at_step
 
 from sparse_lens import checkpoint, data, training
 from sparse_lens.config import SparseHookedTransformerConfig
@@ -87,17 +88,8 @@ def test_resume_after_a_kill_gives_bitwise_identical_weights(corpus, tmp_path, m
     cfg, tc = tiny_cfg(weight_l0=1 / 8), short(steps=40)
     uninterrupted = train(cfg, tc, tmp_path / "a", corpus=corpus, progress=False).model
 
-    real_sample = data.sample_batch
-
-    def killed_at_step_25(tokens, batch_size, seq_len, step, seed):
-        if step == 25:
-            raise KeyboardInterrupt("killed")
-        return real_sample(tokens, batch_size, seq_len, step, seed)
-
-    monkeypatch.setattr(data, "sample_batch", killed_at_step_25)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_step(monkeypatch, 25), pytest.raises(KeyboardInterrupt):
         train(cfg, tc, tmp_path / "b", corpus=corpus, progress=False)
-    monkeypatch.setattr(data, "sample_batch", real_sample)
     assert checkpoint.read_json(tmp_path / "b" / "training" / "state.json")["step"] == 20
     resumed = train(cfg, tc, tmp_path / "b", resume=True, corpus=corpus, progress=False)
     for (name, a), (_, b) in zip(uninterrupted.named_parameters(), resumed.model.named_parameters()):

@@ -215,6 +215,9 @@ class BridgedJob:
         self.model, self.target_l0 = sparse, sparse.cfg.weight_l0
         self.val_batches: list[torch.Tensor] = []
         tc = config.train
+        if tc.cuda_graph:
+            raise ValueError("TrainConfig.cuda_graph is for plain runs (`sparse-lens train`); "
+                             "bridged training runs the default step")
         self.optimizer = make_optimizer(sparse, tc, fused)
         self.n_sparse_groups = len(self.optimizer.param_groups)
         for params, decay in (([p for p in bridges.parameters() if p.ndim >= 2], tc.weight_decay),

@@ -45,7 +45,7 @@ under bfloat16 autocast (for GPUs).
 
 Modules: `config` (TrainConfig, TrainResult, the errors), `step` (one optimisation step and its
 parts), `loop` (the loop plain and bridged runs share), `rundir` (checkpoints, resume, generic
-optimizer state), `run` (`train`).
+optimizer state), `run` (`train`), `graphed` (the step as a CUDA graph, `TrainConfig.cuda_graph`).
 """
 
 from sparse_lens.training.config import (

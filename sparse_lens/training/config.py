@@ -63,6 +63,10 @@ class TrainConfig:
     # "float32", or "bf16": the forward pass under torch.autocast(bfloat16) (weights, gradients
     # and optimizer state stay float32); meant for CUDA (CPU autocast works but is slower)
     dtype: str = "float32"
+    # the step as one CUDA graph, captured once and replayed (`training.graphed`; one process,
+    # plain runs). Off CUDA the same graph-ready step runs eagerly (slower than the default step;
+    # for checking it). Part of the run's settings: its numbers differ from the default step's
+    cuda_graph: bool = False
     # the corpus: None = the running interpreter's standard library
     sources: list[str] | None = None
     val_fraction: float = 0.02
@@ -83,6 +87,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.lr, eps and grad_rms must be > 0, weight_decay >= 0")
         if self.dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {sorted(AUTOCAST_DTYPES)}; got {self.dtype!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"TrainConfig.cuda_graph must be True or False; got {self.cuda_graph!r}")
         if self.grad_rms_mode not in ("rescale", "clip"):
             raise ValueError(f"TrainConfig.grad_rms_mode must be 'rescale' or 'clip'; got {self.grad_rms_mode!r}")
         # the schedules validate their own fractions

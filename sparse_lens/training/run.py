@@ -14,6 +14,7 @@ from sparse_lens import checkpoint, data, distributed
 from sparse_lens.config import SparseHookedTransformerConfig
 from sparse_lens.model import SparseHookedTransformer
 from sparse_lens.training.config import TrainConfig, TrainResult
+from sparse_lens.training.graphed import StaticStep
 from sparse_lens.training.loop import Loop, run_loop
 from sparse_lens.training.rundir import load_run, plan_run, save_run
 from sparse_lens.training.step import corpus_for, deterministic_algorithms, evaluate, make_optimizer, train_step
@@ -72,12 +73,15 @@ class PlainJob:
     val_batches: list[torch.Tensor]
     unigram: float
     ranks: distributed.RankContext
+    static_step: StaticStep | None = None  # `TrainConfig.cuda_graph`: the graph-ready step
 
     def __post_init__(self) -> None:
         self.target_l0 = self.model.cfg.weight_l0
         self.trained = self.ranks.wrap(self.model)  # DDP when distributed: gradients all-reduced
 
     def step(self, step: int, tokens: torch.Tensor, l0: float, lr: float) -> tuple[float, dict[str, float]]:
+        if self.static_step is not None:
+            return self.static_step(tokens, lr, l0), {}
         return train_step(self.trained, self.optimizer, tokens, lr, l0, self.tc), {}
 
     def evaluate(self) -> dict[str, float]:
@@ -111,7 +115,12 @@ def _train(model_cfg: SparseHookedTransformerConfig, tc: TrainConfig, out_dir: P
     check_vocabulary(corpus, model_cfg.d_vocab)
     val_batches = data.validation_batches(corpus.val, tc.batch_size, seq_len, tc.eval_batches)
     unigram = data.unigram_cross_entropy(corpus.train, corpus.val, model_cfg.d_vocab)
-    job = PlainJob(model, optimizer, tc, out_dir, val_batches, unigram, ranks)
+    static_step = None
+    if tc.cuda_graph:
+        if ranks.world_size > 1:
+            raise ValueError("TrainConfig.cuda_graph runs in one process; drop it under torchrun")
+        static_step = StaticStep(model, optimizer, tc, (tc.batch_size, seq_len))
+    job = PlainJob(model, optimizer, tc, out_dir, val_batches, unigram, ranks, static_step)
     loop = Loop(tc, out_dir, corpus.train, seq_len, device, first_step, history, ranks)
     model.train()
     run_loop(job, loop, progress, "sparse train" if model_cfg.is_weight_sparse else "dense train")
