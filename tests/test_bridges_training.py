@@ -123,3 +123,9 @@ def test_training_leaves_the_global_rng_state_alone(dense, corpus, tmp_path):
     assert torch.equal(training.seeded_model(SparseHookedTransformerConfig(**MICRO), 0, None).W_E,
                        reference.W_E)
     assert plain.steps == 2
+
+
+def test_a_bridged_run_refuses_the_cuda_graph_step(dense, corpus, tmp_path):
+    with pytest.raises(ValueError, match="cuda_graph is for plain runs"):
+        B.train_bridged(dense, SparseHookedTransformerConfig(**MICRO), config(cuda_graph=True),
+                        tmp_path / "g", corpus=corpus, progress=False)
