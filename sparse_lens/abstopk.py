@@ -10,7 +10,9 @@ Two implementations with the same result (`kernels.reference_kernels()` selects 
   AVX-512, or without the native library, the threshold comes from NumPy's `partition` on the
   same bit patterns (SIMD sorting networks on rows of up to 512 entries; wider rows are first
   narrowed to the top `k` of each 512-wide chunk, exact since every entry of the row's top k is
-  in its chunk's top k), and the rest from the C pass or PyTorch. Elsewhere `torch.topk`.
+  in its chunk's top k), and the rest from the C pass or PyTorch. Elsewhere (GPUs) `torch.topk`
+  gives each row's k-th largest and the tie rule runs on every row, so nothing is read back on
+  the host (`abs_topk_mask_on_device`).
 - `abs_topk_reference`: `torch.topk` on |x|, then a scatter of the kept values into zeros.
 
 Measured (`benchmarks/bench_training.py`, small preset, 8 x 128 tokens, 2 threads, idle
@@ -104,20 +106,25 @@ def abs_topk_mask(x: Float[torch.Tensor, "... dim"], k: int) -> Bool[torch.Tenso
     if not 1 <= k < dim:
         raise ValueError(f"abs_topk_mask needs 1 <= k < dim={dim}; got k={k}")
     mags = x.detach().abs().reshape(-1, dim)
-    if mags.device.type == "cpu" and mags.dtype in _BITS_AS_INT:
-        keys = mags.view(_BITS_AS_INT[mags.dtype]).numpy()
-        kth, runner_up = _kth_and_next_largest(keys, k)
-        keep = torch.from_numpy(keys >= kth[:, None])
-        tied = torch.from_numpy(kth == runner_up)
-        kth_t = torch.from_numpy(kth).view(mags.dtype).unsqueeze(1)
-    else:
-        top = mags.topk(k + 1, dim=-1, sorted=True).values
-        kth_t, tied = top[:, k - 1:k], top[:, k - 1] == top[:, k]
-        keep = mags >= kth_t
+    if mags.device.type != "cpu" or mags.dtype not in _BITS_AS_INT:
+        return abs_topk_mask_on_device(mags, k).view(x.shape)
+    keys = mags.view(_BITS_AS_INT[mags.dtype]).numpy()
+    kth, runner_up = _kth_and_next_largest(keys, k)
+    keep = torch.from_numpy(keys >= kth[:, None])
+    tied = torch.from_numpy(kth == runner_up)
+    kth_t = torch.from_numpy(kth).view(mags.dtype).unsqueeze(1)
     if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
         keep[rows] = _lowest_positions_first(mags[rows], kth_t[rows], k)
     return keep.view(x.shape)
+
+
+def abs_topk_mask_on_device(mags: Float[torch.Tensor, "rows dim"], k: int) -> Bool[torch.Tensor, "rows dim"]:
+    """`abs_topk_mask` of the magnitudes `mags` with torch ops alone and no value read back on
+    the host (on a GPU, no synchronisation): each row's k-th largest from `topk`, then the tie
+    rule applied to every row (a row without ties keeps its k-th largest and what is above)."""
+    kth = mags.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    return _lowest_positions_first(mags, kth, k)
 
 
 def _kth_and_next_largest(keys: np.ndarray, k: int,

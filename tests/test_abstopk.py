@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparse_lens import abstopk
-from sparse_lens.abstopk import abs_topk, abs_topk_mask, abs_topk_reference
+from sparse_lens.abstopk import abs_topk, abs_topk_mask, abs_topk_mask_on_device, abs_topk_reference
 from sparse_lens.kernels import fast_kernels_enabled, reference_kernels
 
 
@@ -112,3 +112,15 @@ def test_nan_counts_as_the_largest_magnitude_like_torch_topk():
     x = torch.tensor([[1.0, -float("nan"), 3.0, 0.5, -2.0]])
     out = abs_topk(x, 2)
     assert torch.isnan(out[0, 1]) and out[0, 2] == 3.0 and (out[0, [0, 3, 4]] == 0).all()
+
+
+def test_the_device_path_keeps_the_same_entries_ties_included():
+    """The path GPUs take (torch ops, no read-back) against the CPU's selection, on the tie cases
+    above and on Gaussian rows."""
+    gen = torch.Generator().manual_seed(2)
+    tied = torch.tensor([[2.0, -1.0, 1.0, -1.0, 1.0, 0.5], [0.0] * 6, [1.0, 1.0, 1.0, 3.0, -3.0, 3.0]])
+    cases = [(tied, 3),
+             (torch.randn(64, 1100, generator=gen).mul(3).round(), 200),
+             (torch.randn(32, 384, generator=gen), 96)]
+    for x, k in cases:
+        assert torch.equal(abs_topk_mask_on_device(x.abs(), k), abs_topk_mask(x, k))
