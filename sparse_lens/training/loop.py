@@ -16,6 +16,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -84,6 +85,7 @@ def run_loop(job: Job, loop: Loop, progress: bool = True, desc: str = "train") -
     saved: int | str = loop.first_step or "none written yet"
     bar = tqdm(range(first, tc.steps), initial=first, total=tc.steps,
                disable=not (progress and ranks.is_main), desc=desc)
+    pace = _Pace(first)
     with _sigint_flag() as interrupted:
         for step in bar:
             l0, lr = tc.schedule(step, job.target_l0)
@@ -103,7 +105,7 @@ def run_loop(job: Job, loop: Loop, progress: bool = True, desc: str = "train") -
             record = dict(step=done, loss=loss, l0=l0, lr=lr, **figures)
             evaluated = done % tc.eval_every == 0 or done == tc.steps
             if evaluated:
-                _evaluate_into(record, job, tc)
+                _evaluate_into(record, job, tc, pace.since_last(done))
             if evaluated or loop.keep_every_step:
                 loop.history.append(record)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{loop.val_loss:.3f}", l0=f"{l0:.4f}")
@@ -126,11 +128,26 @@ def run_loop(job: Job, loop: Loop, progress: bool = True, desc: str = "train") -
     return loop
 
 
-def _evaluate_into(record: dict[str, Any], job: Job, tc: TrainConfig) -> None:
+class _Pace:
+    """Wall-clock seconds per step between evaluations, for the log (never in the history, which
+    a resumed run must reproduce exactly)."""
+
+    def __init__(self, step: int):
+        self.step, self.time = step, time.perf_counter()
+
+    def since_last(self, step: int) -> float:
+        now = time.perf_counter()
+        seconds = (now - self.time) / max(step - self.step, 1)
+        self.step, self.time = step, now
+        return seconds
+
+
+def _evaluate_into(record: dict[str, Any], job: Job, tc: TrainConfig, seconds_per_step: float) -> None:
     figures = job.evaluate()
     record.update(figures)
-    log.info("step %d/%d  loss %.4f  %s  L0 %.4f  lr %.3g", record["step"], tc.steps, record["loss"],
-             "  ".join(f"{k} {v:.4f}" for k, v in figures.items()), record["l0"], record["lr"])
+    log.info("step %d/%d  loss %.4f  %s  L0 %.4f  lr %.3g  %.3f s/step", record["step"], tc.steps,
+             record["loss"], "  ".join(f"{k} {v:.4f}" for k, v in figures.items()), record["l0"],
+             record["lr"], seconds_per_step)
 
 
 def _reached(tc: TrainConfig, val_loss: float) -> bool:
