@@ -90,38 +90,44 @@ def bench(preset: str, dtype: str, batch_size: int, steps: int, warmup: int,
     return median
 
 
-def bench_graphed(preset: str, dtype: str, batch_size: int, steps: int, eager_seconds: float) -> float:
+def bench_graphed(preset: str, dtype: str, batch_size: int, steps: int, eager_seconds: float,
+                  device: str = "cuda") -> float:
     """Median seconds of one replay of the captured step (`StaticStep`), printed beside the eager
-    step's `eager_seconds`."""
+    step's `eager_seconds`. On `device="cpu"` the same step runs uncaptured (a check of this
+    function, not a measurement of graphs)."""
     from sparse_lens.config import SparseHookedTransformerConfig
     from sparse_lens.model import SparseHookedTransformer
     from sparse_lens.training import TrainConfig, make_optimizer
     from sparse_lens.training.graphed import WARMUP_STEPS, StaticStep
 
-    cfg = SparseHookedTransformerConfig.preset(preset, device="cuda")
+    cuda = device == "cuda"
+    cfg = SparseHookedTransformerConfig.preset(preset, device=device)
     torch.manual_seed(0)
     model = SparseHookedTransformer(cfg).train()
     model.project_weights_()
-    tc = TrainConfig(batch_size=batch_size, dtype=dtype, device="cuda", cuda_graph=True)
+    tc = TrainConfig(batch_size=batch_size, dtype=dtype, device=device, cuda_graph=True)
     step = StaticStep(model, make_optimizer(model, tc), tc, (batch_size, cfg.n_ctx))
-    tokens = torch.randint(0, cfg.d_vocab, (batch_size, cfg.n_ctx), device="cuda")
+    tokens = torch.randint(0, cfg.d_vocab, (batch_size, cfg.n_ctx), device=device)
     t = time.perf_counter()
     for _ in range(WARMUP_STEPS + 1):  # eager warm-up, then the capture and its first replay
         step(tokens, 1e-3, cfg.weight_l0)
     capture_s = time.perf_counter() - t
     times = []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         step(tokens, 1e-3, cfg.weight_l0)  # reads the loss back: synchronised
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
     tokens_per_step = batch_size * cfg.n_ctx
-    print(f"  CUDA graph: step {median * 1e3:.1f} ms, {tokens_per_step / median:,.0f} tokens/s "
-          f"against {tokens_per_step / eager_seconds:,.0f} eager: {eager_seconds / median:.2f}x "
+    print(f"  {'CUDA graph' if step.graph is not None else 'graph-ready step, uncaptured'}: step "
+          f"{median * 1e3:.1f} ms, {tokens_per_step / median:,.0f} tokens/s against "
+          f"{tokens_per_step / eager_seconds:,.0f} eager: {eager_seconds / median:.2f}x "
           f"(warm-up and capture {capture_s:.1f} s)")
     del model, step
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return median
 
 

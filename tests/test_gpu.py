@@ -52,6 +52,15 @@ def test_the_gpu_benchmark_skips_cleanly_without_cuda():
     assert run.returncode == 0 and "skipped, nothing measured" in run.stdout, run.stderr
 
 
+def test_the_graph_step_benchmark_runs_uncaptured_on_cpu(capsys):
+    """`bench_gpu.bench_graphed`, what the GPU recipe probes with, checked where no GPU is (the
+    step runs uncaptured: nothing about graphs is measured)."""
+    bench_gpu = load_script("benchmarks/bench_gpu.py")
+    eager = bench_gpu.bench("tiny", "float32", 2, steps=1, warmup=1, device="cpu")
+    seconds = bench_gpu.bench_graphed("tiny", "float32", 2, 2, sum(eager.values()), device="cpu")
+    assert seconds > 0 and "graph-ready step, uncaptured" in capsys.readouterr().out
+
+
 @needs_cuda
 def test_cuda_bf16_training_node_means_pruning_and_csr(corpus, tmp_path):
     from sparse_lens.hooks import NodeRegistry, compute_node_means
