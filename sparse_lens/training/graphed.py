@@ -61,7 +61,8 @@ class StaticProjection:
         self.layouts = [sparsity.unit_layout(m.weight.shape, self.min_per_unit, m.unit_dims)
                         for m in self.matrices]
         self.kept = torch.zeros(len(self.matrices), dtype=torch.long, device=device)
-        self.positions = [torch.arange(m.weight.numel(), device=device) for m in self.matrices]
+        largest = max(m.weight.numel() for m in matrices)
+        self.positions = torch.arange(largest, device=device)  # sliced per matrix: one buffer
         self.l0: float | None = None
 
     def set_l0(self, l0: float) -> None:
@@ -75,10 +76,10 @@ class StaticProjection:
 
     @torch.no_grad()
     def __call__(self) -> None:
-        for i, (m, layout, positions) in enumerate(zip(self.matrices, self.layouts, self.positions)):
+        for i, (m, layout) in enumerate(zip(self.matrices, self.layouts)):
             scores = self._scores(m.weight, layout)
             order = torch.sort(scores.view(-1), descending=True, stable=True).indices
-            rank = torch.empty_like(order).scatter_(0, order, positions)
+            rank = torch.empty_like(order).scatter_(0, order, self.positions[:order.numel()])
             m.weight.masked_fill_((rank >= self.kept[i]).view(m.weight.shape), 0)
 
     def _scores(self, weight: torch.Tensor, layout) -> torch.Tensor:
