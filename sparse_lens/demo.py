@@ -43,10 +43,10 @@ DEMO_K_COEF = 3e-3
 DEMO_RESTART_STEPS_SCALE = 2
 #: the report's neuron views show snippets from the validation stream of this many standard-library files
 REPORT_CORPUS_FILES = 200
-#: seconds a training step takes on 2 CPU cores, per preset: `small` from
-#: `benchmarks/bench_training.py` (362 ms, plus evaluation and checkpoints); `wide` as its
-#: 20,000-step run went (1.1 s a step on one core with the other busy; 2 cores do somewhat better)
-SECONDS_PER_STEP = {"small": 0.4, "wide": 1.1}
+#: seconds a training step takes on 2 idle CPU cores with the native kernels, per preset, evaluation
+#: and checkpoints included: `wide` as the 40,000-step run went (12,500 steps in 80 minutes, 0.38 s);
+#: `small` estimated from `benchmarks/bench_training.py`'s 200-225 ms step plus the same overheads
+SECONDS_PER_STEP = {"small": 0.25, "wide": 0.4}
 
 
 def run_demo(
