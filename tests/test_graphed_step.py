@@ -153,6 +153,16 @@ def test_it_needs_a_capturable_optimizer_and_capture_needs_cuda():
         TrainConfig(cuda_graph="yes")
 
 
+def test_a_data_parallel_run_refuses_the_graph_step_before_writing_anything(tmp_path):
+    from sparse_lens import distributed
+
+    cfg = SparseHookedTransformerConfig.preset("tiny", n_ctx=32)
+    with pytest.raises(ValueError, match="one process"):
+        train(cfg, graph_tc(), tmp_path / "ddp", progress=False,
+              ranks=distributed.RankContext(rank=0, world_size=2))
+    assert not (tmp_path / "ddp").exists()
+
+
 def test_train_with_cuda_graph_trains_sparse_and_resumes_bitwise_on_cpu(tmp_path, tokenizer, monkeypatch):
     from sparse_lens import checkpoint, data
 

@@ -49,10 +49,17 @@ def train(
     `tc.batch_size` is then the per-rank batch, and only rank 0 writes to `out_dir`."""
     out_dir = Path(out_dir)
     ranks = ranks or distributed.current()
+    _check_one_process_for_graphs(tc, ranks)  # before --overwrite clears anything
     model_cfg, tc, resuming = plan_run(model_cfg, tc, out_dir, resume, overwrite, ranks.is_main)
+    _check_one_process_for_graphs(tc, ranks)  # a resumed run's saved settings
     ranks.barrier()  # rank 0 has cleared what --overwrite replaces before anyone reads out_dir
     with deterministic_algorithms(torch.device(tc.device).type == "cpu"):
         return _train(model_cfg, tc, out_dir, resuming, corpus, progress, ranks)
+
+
+def _check_one_process_for_graphs(tc: TrainConfig | None, ranks: distributed.RankContext) -> None:
+    if tc is not None and tc.cuda_graph and ranks.world_size > 1:
+        raise ValueError("TrainConfig.cuda_graph runs in one process; drop it under torchrun")
 
 
 def seeded_model(model_cfg: SparseHookedTransformerConfig, seed: int, tokenizer) -> SparseHookedTransformer:
@@ -115,11 +122,7 @@ def _train(model_cfg: SparseHookedTransformerConfig, tc: TrainConfig, out_dir: P
     check_vocabulary(corpus, model_cfg.d_vocab)
     val_batches = data.validation_batches(corpus.val, tc.batch_size, seq_len, tc.eval_batches)
     unigram = data.unigram_cross_entropy(corpus.train, corpus.val, model_cfg.d_vocab)
-    static_step = None
-    if tc.cuda_graph:
-        if ranks.world_size > 1:
-            raise ValueError("TrainConfig.cuda_graph runs in one process; drop it under torchrun")
-        static_step = StaticStep(model, optimizer, tc, (tc.batch_size, seq_len))
+    static_step = StaticStep(model, optimizer, tc, (tc.batch_size, seq_len)) if tc.cuda_graph else None
     job = PlainJob(model, optimizer, tc, out_dir, val_batches, unigram, ranks, static_step)
     loop = Loop(tc, out_dir, corpus.train, seq_len, device, first_step, history, ranks)
     model.train()
