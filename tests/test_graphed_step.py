@@ -112,6 +112,15 @@ def test_the_static_step_matches_train_step_with_the_reference_kernels():
             assert abs(int((a != 0).sum()) - int((b != 0).sum())) == 0, name
 
 
+def test_the_static_step_runs_under_bf16_autocast():
+    model = tiny_model()
+    tc = graph_tc(dtype="bf16")
+    step = StaticStep(model, make_optimizer(model, tc), tc, (2, 16))
+    losses = [step(batch(i), 3e-3, 0.25) for i in range(2)]
+    assert all(math.isfinite(x) for x in losses)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_device_rescale_matches_the_host_rescale():
     grads = [torch.randn(5, 7), torch.randn(3)]
     host = [g.clone() for g in grads]
