@@ -2,14 +2,15 @@
 
 On a GPU the small presets' step is bound by the host, not the arithmetic: the `wide` step at
 batch 64 x 128 took 64 ms on an H200 (results/gpu/summary.md; 4x the batch cost 1.7x the time),
-and its forward alone runs ~13 ms of Python and dispatch on a CPU at a 1 x 4 batch. A CUDA graph
+and a 1 x 4 batch, where the arithmetic is nothing, still took 13 ms forward and 35 ms forward
+and backward on one (busy) CPU thread: Python and dispatch, paid per step. A CUDA graph
 records the whole step once (forward, backward, gradient rescale, AdamW, projection) and replays
 it with one launch. That needs a step whose shapes never change and which never reads a device
 value on the host. `StaticStep` is that step:
 
 - the model runs its reference kernels (`kernels.reference_kernels`: topk + scatter AbsTopK,
   TransformerLens's attention, norms and loss), none of which reads back (the fast paths are CPU
-  kernels, or branch on a tie check);
+  kernels);
 - AdamW is PyTorch's fused one with `capturable=True` and a tensor learning rate
   (`make_optimizer(..., capturable=True)`), written before each step;
 - the gradient's global RMS rescale is computed on the device (`rescale_grad_rms_on_device_`);
