@@ -53,21 +53,29 @@ def phases_of_a_step(model, optimizer, tokens, l0: float, tc, device: str = "cud
     return times
 
 
-def bench(preset: str, dtype: str, batch_size: int, steps: int, warmup: int,
-          device: str = "cuda") -> dict[str, float]:
-    """Times `steps` training steps after `warmup`; prints and returns the median seconds per phase."""
+def random_model_and_batch(preset: str, batch_size: int, device: str):
+    """A `preset` model (seed 0) in training mode with its weights at the target L0, and a random
+    batch of `batch_size` full-context sequences on `device`."""
     from sparse_lens.config import SparseHookedTransformerConfig
     from sparse_lens.model import SparseHookedTransformer
-    from sparse_lens.training import TrainConfig, make_optimizer
 
-    cuda = device == "cuda"
     cfg = SparseHookedTransformerConfig.preset(preset, device=device)
     torch.manual_seed(0)
     model = SparseHookedTransformer(cfg).train()
     model.project_weights_()
+    return model, torch.randint(0, cfg.d_vocab, (batch_size, cfg.n_ctx), device=device)
+
+
+def bench(preset: str, dtype: str, batch_size: int, steps: int, warmup: int,
+          device: str = "cuda") -> dict[str, float]:
+    """Times `steps` training steps after `warmup`; prints and returns the median seconds per phase."""
+    from sparse_lens.training import TrainConfig, make_optimizer
+
+    cuda = device == "cuda"
+    model, tokens = random_model_and_batch(preset, batch_size, device)
+    cfg = model.cfg
     tc = TrainConfig(batch_size=batch_size, dtype=dtype, device=device)
     optimizer = make_optimizer(model, tc)
-    tokens = torch.randint(0, cfg.d_vocab, (batch_size, cfg.n_ctx), device=device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     runs = [phases_of_a_step(model, optimizer, tokens, cfg.weight_l0, tc, device)
@@ -95,19 +103,14 @@ def bench_graphed(preset: str, dtype: str, batch_size: int, steps: int, eager_se
     """Median seconds of one replay of the captured step (`StaticStep`), printed beside the eager
     step's `eager_seconds`. On `device="cpu"` the same step runs uncaptured (a check of this
     function, not a measurement of graphs)."""
-    from sparse_lens.config import SparseHookedTransformerConfig
-    from sparse_lens.model import SparseHookedTransformer
     from sparse_lens.training import TrainConfig, make_optimizer
     from sparse_lens.training.graphed import WARMUP_STEPS, StaticStep
 
     cuda = device == "cuda"
-    cfg = SparseHookedTransformerConfig.preset(preset, device=device)
-    torch.manual_seed(0)
-    model = SparseHookedTransformer(cfg).train()
-    model.project_weights_()
+    model, tokens = random_model_and_batch(preset, batch_size, device)
+    cfg = model.cfg
     tc = TrainConfig(batch_size=batch_size, dtype=dtype, device=device, cuda_graph=True)
     step = StaticStep(model, make_optimizer(model, tc), tc, (batch_size, cfg.n_ctx))
-    tokens = torch.randint(0, cfg.d_vocab, (batch_size, cfg.n_ctx), device=device)
     t = time.perf_counter()
     for _ in range(WARMUP_STEPS + 1):  # eager warm-up, then the capture and its first replay
         step(tokens, 1e-3, cfg.weight_l0)

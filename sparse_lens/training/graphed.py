@@ -59,8 +59,10 @@ class StaticProjection:
         `cfg.min_nonzero_per_unit`."""
         self.matrices, self.min_per_unit = matrices, min_per_unit
         device = matrices[0].weight.device
-        self.layouts = [sparsity.unit_layout(m.weight.shape, self.min_per_unit, m.unit_dims)
-                        for m in self.matrices]
+        # (perm, permuted shape, units, fan-in, inverse perm) of each matrix, fixed for the run
+        self.layouts = [(*layout, sorted(range(len(layout[0])), key=layout[0].__getitem__))
+                        for layout in (sparsity.unit_layout(m.weight.shape, min_per_unit, m.unit_dims)
+                                       for m in matrices)]
         self.kept = torch.zeros(len(self.matrices), dtype=torch.long, device=device)
         largest = max(m.weight.numel() for m in matrices)
         self.positions = torch.arange(largest, device=device)  # sliced per matrix: one buffer
@@ -85,14 +87,13 @@ class StaticProjection:
 
     def _scores(self, weight: torch.Tensor, layout) -> torch.Tensor:
         """|w| (float32, contiguous), with each unit's `min_per_unit` largest set to +inf."""
-        perm, permuted_shape, n_units, fan_in = layout
+        perm, permuted_shape, n_units, fan_in, inverse = layout
         scores = weight.detach().abs().float()
         if self.min_per_unit == 0 or n_units == 0:
             return scores
         units = scores.permute(perm).reshape(n_units, fan_in)
         protected = units.topk(self.min_per_unit, dim=1, sorted=False).indices
         units = units.scatter(1, protected, float("inf"))
-        inverse = sorted(range(len(perm)), key=perm.__getitem__)
         return units.view(permuted_shape).permute(inverse).contiguous()
 
 
