@@ -360,6 +360,18 @@ def test_circuit_curves_prune_every_snapshot_and_reuse_the_saved_circuits(tmp_pa
     pd.testing.assert_frame_equal(only_20.table, table[table.step == 20].reset_index(drop=True))
     with pytest.raises(ValueError, match="no snapshot at a multiple of 7"):
         analyses.run("circuit-curves", tmp_path / "none", tmp_path / "models", quick=True, every=7)
+    # `previous`: an earlier table's rows of other runs are kept, those of a run given again replaced
+    earlier = pd.concat([table.assign(run="gone-run"), table.assign(nodes=-1)], ignore_index=True)
+    earlier.to_csv(tmp_path / "earlier.csv", index=False)
+    merged = analyses.run("circuit-curves", tmp_path / "merged", tmp_path / "models", quick=True,
+                          target_loss=2.0, previous=tmp_path / "earlier.csv")
+    assert list(merged.table.run) == ["gone-run"] * len(table) + ["tiny-snapshots"] * len(table)
+    assert (merged.table.nodes[merged.table.run == "tiny-snapshots"] == table.nodes.values).all()
+    assert "`gone-run` single_double_quote: solved at 2 of 2" in merged.summary
+    table.drop(columns="nodes").to_csv(tmp_path / "other.csv", index=False)
+    with pytest.raises(ValueError, match="no \\['nodes'\\] columns"):
+        analyses.run("circuit-curves", tmp_path / "bad", tmp_path / "models", quick=True,
+                     target_loss=2.0, previous=tmp_path / "other.csv")
 
 
 def test_the_shipped_model_as_the_sparse_side_gets_a_dense_baseline_with_its_settings(tmp_path):

@@ -12,7 +12,8 @@ Each snapshot is pruned with `common.prune_tasks` (the default `PruneConfig` at 
 its circuits are saved beside it, in `<snapshot>/circuits/target0.15/<task>/`, and read back by a
 later run with the same settings, so a run still training can be re-analysed as its snapshots
 appear and only the new ones cost time. A snapshot must be at a step where the run evaluated its
-validation loss. Writes:
+validation loss. `--previous results/circuit_curves/circuit_curves.csv` keeps the earlier table's
+rows of runs not given (a run given again replaces its rows). Writes:
 
 - `circuit_curves.csv`: one row per (run, step, task): tokens trained, the weight L0 the anneal
   had reached (edges fall with it: fewer nonzero weights join the same nodes), validation loss,
@@ -31,8 +32,8 @@ from pathlib import Path
 import pandas as pd
 
 from sparse_lens.analyses.common import (
-    AnalysisResult, existing_model, option, prune_tasks, runs_option, settings_dict, target_loss_option,
-    tasks_option, write_outputs,
+    AnalysisResult, existing_model, option, previous_option, prune_tasks, runs_option, settings_dict,
+    target_loss_option, tasks_option, with_previous_rows, write_outputs,
 )
 
 NAME = "circuit_curves"
@@ -45,14 +46,17 @@ def add_arguments(parser) -> None:
     target_loss_option(parser)
     option(parser, "--every", type=int, help="circuit-curves: only the snapshots at multiples of "
            "this many steps (default: every snapshot)")
+    previous_option(parser)
 
 
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
         runs: Sequence[str | Path] | None = None, tasks: Sequence[str] | None = None,
-        target_loss: float = 0.15, every: int | None = None, progress: bool = False) -> AnalysisResult:
+        target_loss: float = 0.15, every: int | None = None, previous: str | Path | None = None,
+        progress: bool = False) -> AnalysisResult:
     """Prune `tasks` (default: the demo's) on every snapshot of `runs` at `target_loss` (`every`:
     only those at multiples of so many steps); `quick` trains the learning curves' tiny run with
-    two snapshots into `models_dir` first."""
+    two snapshots into `models_dir` first. `previous`: an earlier `circuit_curves.csv`, whose rows
+    of other runs are kept (e.g. of a run whose snapshots are gone)."""
     from sparse_lens.analyses.learning_curves import quick_run
     from sparse_lens.demo import DEMO_TASKS
 
@@ -65,6 +69,7 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
         raise ValueError(f"every must be >= 1 step; got {every}")
     table = pd.concat([run_circuits(r, tasks, target_loss, every, quick, progress) for r in runs],
                       ignore_index=True)
+    table = with_previous_rows(table, previous)
     lines = []
     for (run_name, task), rows in table.groupby(["run", "task"], sort=False):
         solved = rows[rows.solved.astype(bool)]
@@ -74,7 +79,8 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
                f"snapshot whose full model misses the target has no circuit):\n\n" + "\n".join(lines))
     return write_outputs(out_dir, NAME, table, _plot(table), summary, [],
                          settings_dict(quick=quick, runs=[str(r) for r in runs], tasks=tasks,
-                                       target_loss=target_loss, every=every))
+                                       target_loss=target_loss, every=every,
+                                       previous=str(previous) if previous is not None else None))
 
 
 def run_circuits(run_dir: str | Path, tasks: Sequence[str], target_loss: float, every: int | None = None,

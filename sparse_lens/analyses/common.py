@@ -261,6 +261,25 @@ def runs_option(parser: argparse.ArgumentParser) -> None:
            help="learning-curves, circuit-curves: run directories trained with --snapshot-every")
 
 
+def previous_option(parser: argparse.ArgumentParser) -> None:
+    """`--previous`: an earlier output table of a runs analysis (learning-curves, circuit-curves)."""
+    option(parser, "--previous", type=Path, help="learning-curves, circuit-curves: the analysis's "
+           "earlier csv table, whose rows of runs not given are kept (runs whose directories are gone)")
+
+
+def with_previous_rows(table: pd.DataFrame, previous: str | Path | None) -> pd.DataFrame:
+    """`table` (one `run` column) after the rows of the earlier table in the csv `previous` whose
+    run is not in `table`: a run given again replaces its old rows. `previous` None: `table`."""
+    if previous is None:
+        return table
+    earlier = pd.read_csv(previous)
+    missing = set(table.columns) - set(earlier.columns)
+    if missing:
+        raise ValueError(f"{previous} is not this analysis's table: it has no {sorted(missing)} columns")
+    earlier = earlier[~earlier.run.isin(set(table.run))]
+    return pd.concat([earlier[table.columns], table], ignore_index=True)
+
+
 def sweep_options(parser: argparse.ArgumentParser) -> None:
     """The width x weight-L0 sweep's options (kurtosis, frontier)."""
     option(parser, "--widths", nargs="+", type=int, help=f"d_model of the sweep (default {SWEEP_WIDTHS})")

@@ -32,7 +32,8 @@ from pathlib import Path
 import pandas as pd
 
 from sparse_lens.analyses.common import (
-    AnalysisResult, option, runs_option, settings_dict, tasks_option, write_outputs,
+    AnalysisResult, option, previous_option, runs_option, settings_dict, tasks_option, with_previous_rows,
+    write_outputs,
 )
 
 NAME = "learning_curves"
@@ -131,8 +132,7 @@ def add_arguments(parser) -> None:
     runs_option(parser)
     tasks_option(parser)
     option(parser, "--n", type=int, help="learning-curves: examples per task and level (default 128)")
-    option(parser, "--previous", type=Path, help="learning-curves: an earlier learning_curves.csv "
-           "whose rows of runs not given are kept (runs whose directories are gone)")
+    previous_option(parser)
 
 
 def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
@@ -147,10 +147,7 @@ def run(out_dir: str | Path, models_dir: str | Path, quick: bool = False,
     if not runs:
         raise ValueError("learning-curves needs --runs: run directories trained with --snapshot-every")
     table = pd.concat([run_curve(r, tasks, n=n or 128) for r in runs], ignore_index=True)
-    if previous is not None:
-        earlier = pd.read_csv(previous)
-        earlier = earlier[~earlier.run.isin(set(table.run))]
-        table = pd.concat([earlier[table.columns], table], ignore_index=True)
+    table = with_previous_rows(table, previous)
     summary_table = per_snapshot(table)
     last = summary_table.sort_values("step").groupby(["run", "level"]).tail(1)
     lines = [f"- `{r.run}` at step {r.step} ({r.tokens:,} tokens, validation loss {r.val_loss:.4f}): "
