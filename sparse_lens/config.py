@@ -213,8 +213,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(n_layers=4, d_model=256, d_head=16, d_mlp=1024, n_ctx=128, weight_l0=1 / 16,
                   use_attention_sinks=True, model_name="sparse-small"),
     # `small` 1.5x wider at half the density (1.125x the nonzeros, 2.25x the dense matmul work):
-    # the learning curves' second shape and the shipped default: its 40,000 steps ran at 0.38-0.44 s
-    # a step on 2 idle CPU cores with the native kernels (about 4.5 hours in all).
+    # the learning curves' second shape; 20,000 steps of it take about 6 hours on one CPU core.
     "wide": dict(n_layers=4, d_model=384, d_head=16, d_mlp=1536, n_ctx=128, weight_l0=1 / 32,
                  use_attention_sinks=True, model_name="sparse-wide"),
     # The paper's shape (8 layers, d_model 2048, d_head 16, n_ctx 256); about 1 nonzero in 1000.
