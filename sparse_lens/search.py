@@ -13,7 +13,14 @@
 3. order nodes by tau, and find the smallest number kept whose circuit has task loss at most
    `target_loss` on fixed evaluation examples: exactly, by trying every prefix of the tau order
    in turn (many at once, dropping each as soon as its loss is known to exceed the target;
-   `scan.smallest_passing_prefix`), because the loss-vs-prefix curve is not monotone;
+   `scan.smallest_passing_prefix`), because the loss-vs-prefix curve is not monotone. If the
+   last attempt's mask still misses the target (the collapse outlived every restart), the order
+   past its kept nodes is one the optimisation did not learn (thousands of taus tied at the
+   clamp), the answer can be thousands of nodes, and trying every prefix up to it ran for over
+   13 minutes on one task (the 40,000-step `wide` run's `indent_for`). Then the exact scan stops
+   at `EXACT_NODES_AFTER_COLLAPSE` nodes and a bisection sizes the circuit past that, with a
+   warning: such a circuit is an upper bound, not the smallest. `Circuit.losses["optimised_mask"]`
+   (the last attempt's mask's task loss) shows when that happened;
 4. optionally (`refine=True`, not the paper's) drop the found circuit's nodes one at a time,
    lowest tau first, while it still meets the target on the evaluation examples, in passes
    until no single node can leave (`scan.drop_redundant`): the tau order is a ranking learned
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +55,11 @@ from sparse_lens.sparse_kernels import sparse_matmuls
 from sparse_lens.task_loss import (
     Calibration, by_length, calibrated_loss, final_logit_pairs, fit_calibration, pair_loss,
 )
+
+#: After a collapse no restart recovered (module docstring, step 3), the exact scan tries prefixes
+#: up to this many nodes, and a bisection sizes the circuit past that.
+EXACT_NODES_AFTER_COLLAPSE = 512
+
 
 @dataclass(kw_only=True)
 class PruneConfig:
@@ -158,8 +171,8 @@ def search_nodes(model, train_data, eval_data, means, config: PruneConfig) -> Se
                 # the full model does not solve the task: report it, do not force a circuit
                 tau, kept, curve = None, torch.arange(registry.n_nodes), []
             else:
-                tau, kept, curve = _optimise_and_size(model, masker, train_data, eval_data, registry,
-                                                      config, full_misses)
+                tau, kept, curve, optimised_loss = _optimise_and_size(
+                    model, masker, train_data, eval_data, registry, config, full_misses)
             mask = torch.zeros(registry.n_nodes)
             mask[kept] = 1.0
             pairs = final_logit_pairs(model, eval_data, masker, mask.to(model.cfg.device))
@@ -167,22 +180,26 @@ def search_nodes(model, train_data, eval_data, means, config: PruneConfig) -> Se
         model.train(was_training)
     calibration = fit_calibration(pairs, eval_data) if config.calibrate else None
     losses = dict(full_model=pair_loss(full_pairs), circuit=calibrated_loss(pairs, eval_data, calibration))
+    if tau is not None:
+        losses["optimised_mask"] = optimised_loss
     solved = losses["full_model"] <= config.target_loss and losses["circuit"] <= config.target_loss
     return SearchResult(sorted(kept.tolist()), tau, curve, losses, calibration, solved, ablation)
 
 
 def _optimise_and_size(model, masker, train_data, eval_data, registry, config, full_misses):
-    """Steps 2 and 3: `(tau, kept node ids in tau order, curve)`."""
-    tau = _optimise_taus(model, masker, train_data, registry, config)
+    """Steps 2 and 3: `(tau, kept node ids in tau order, curve, the optimised mask's task loss
+    on the evaluation examples)`."""
     lr, steps = config.lr, config.steps
-    for _ in range(0 if full_misses else config.restarts):
-        optimised = (tau > 0).float().to(model.cfg.device)
-        if pair_loss(final_logit_pairs(model, eval_data, masker, optimised)) <= config.target_loss:
-            break
-        lr /= 3  # the mask collapsed past the target (module docstring, step 2): slower
-        steps *= config.restart_steps_scale
+    for attempt in range(1 + (0 if full_misses else config.restarts)):
+        if attempt:  # the mask collapsed past the target (module docstring, step 2): slower
+            lr /= 3
+            steps *= config.restart_steps_scale
         tau = _optimise_taus(model, masker, train_data, registry,
                              dataclasses.replace(config, lr=lr, steps=steps))
+        optimised = (tau > 0).float().to(model.cfg.device)
+        optimised_loss = pair_loss(final_logit_pairs(model, eval_data, masker, optimised))
+        if optimised_loss <= config.target_loss:
+            break
     order = torch.argsort(tau.detach().cpu(), descending=True, stable=True)
     if full_misses or config.ablation == "resample":
         # the controls' search within the optimised nodes; resampling needs the masker's own
@@ -190,11 +207,21 @@ def _optimise_and_size(model, masker, train_data, eval_data, registry, config, f
         limit = int((tau > 0).sum()) if full_misses else None
         n_kept, curve = _bisect(model, masker, eval_data, order, registry, config, limit)
     else:
-        n_kept, curve = _search(model, masker, eval_data, order, registry, config)
+        collapsed = optimised_loss > config.target_loss
+        n_kept, curve = _search(model, masker, eval_data, order, registry, config,
+                                exact_up_to=EXACT_NODES_AFTER_COLLAPSE if collapsed else None)
+        if collapsed and n_kept > EXACT_NODES_AFTER_COLLAPSE:
+            warnings.warn(
+                f"pruning {eval_data.name}: the optimised mask ({int((tau > 0).sum())} nodes) still misses "
+                f"the target after {config.restarts} restarts (task loss {optimised_loss:.3f} > "
+                f"{config.target_loss}); no prefix of its tau order up to {EXACT_NODES_AFTER_COLLAPSE} "
+                f"nodes passes, and a bisection sized the circuit at {n_kept} nodes: an upper bound, "
+                f"not the smallest. More restarts, restart_steps_scale > 1 or a lower k_coef may "
+                f"avoid the collapse.", stacklevel=2)
     kept = order[:n_kept]
     if config.refine and not full_misses and config.ablation != "resample" and n_kept < registry.n_nodes:
         kept = drop_redundant(model, masker, eval_data, kept, registry, config.target_loss)
-    return tau, kept, curve
+    return tau, kept, curve, optimised_loss
 
 
 def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneConfig) -> torch.Tensor:
@@ -231,11 +258,14 @@ def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneCon
     return tau.detach().cpu()
 
 
-def _search(model, masker, data, order, registry: NodeRegistry, config: PruneConfig):
+def _search(model, masker, data, order, registry: NodeRegistry, config: PruneConfig,
+            exact_up_to: int | None = None):
     """Step 3: the smallest `n` such that keeping the `n` highest-tau nodes gives task loss
     <= target on `data` (exactly: `smallest_passing_prefix`; with `calibrate`, a bisection that
-    assumes the calibrated loss falls as nodes are added). Returns `n` and the evaluated
-    `(n, loss)` points. If even all nodes miss the target, returns all nodes."""
+    assumes the calibrated loss falls as nodes are added). With `exact_up_to`, prefixes are
+    tried exactly up to that many nodes, and if none passes a bisection finds an `n` past it.
+    Returns `n` and the evaluated `(n, loss)` points. If even all nodes miss the target,
+    returns all nodes."""
     if config.calibrate:
         return _bisect(model, masker, data, order, registry, config)
     device = model.cfg.device
@@ -250,23 +280,27 @@ def _search(model, masker, data, order, registry: NodeRegistry, config: PruneCon
     n_all = registry.n_nodes
     if loss_at(n_all) > config.target_loss:
         return n_all, sorted(curve.items())
+    n_max = n_all if exact_up_to is None else min(exact_up_to, n_all)
     shortest = by_length(data)
     probe = _prefix_losses(model, masker, data, order, registry, shortest)
-    rows = shortest[hardest_first(probe, len(data), n_all, config.target_loss)]
+    rows = shortest[hardest_first(probe, len(data), n_max, config.target_loss)]
     example_losses = _prefix_losses(model, masker, data, order, registry, rows)
-    n = smallest_passing_prefix(example_losses, n_all, len(data), config.target_loss)
+    n = smallest_passing_prefix(example_losses, n_max, len(data), config.target_loss)
     # the scan sums in another order than `pair_loss`: confirm, moving on past float ties
     while n is not None and n < n_all and loss_at(n) > config.target_loss:
-        n = smallest_passing_prefix(example_losses, n_all, len(data), config.target_loss, start=n + 1)
+        n = smallest_passing_prefix(example_losses, n_max, len(data), config.target_loss, start=n + 1)
+    if n is None and n_max < n_all:  # nothing passes up to n_max: bisect (n_max, n_all]
+        n, points = _bisect(model, masker, data, order, registry, config, lo=n_max)
+        curve.update(points)
     return (n_all if n is None else n), sorted(curve.items())
 
 
 def _bisect(model, masker, data, order, registry: NodeRegistry, config: PruneConfig,
-            limit: int | None = None):
-    """Step 3: the smallest `n` <= `limit` (default: all nodes) such that keeping the `n`
-    highest-tau nodes gives task loss <= target (assuming the loss falls as nodes are added up
-    to `limit`). Returns `n` and the evaluated `(n, loss)` points. If even `limit` nodes miss
-    the target, returns all nodes."""
+            limit: int | None = None, lo: int = 0):
+    """Step 3: the smallest `n` in (`lo`, `limit`] (default: all nodes; `n` = 0 too when `lo` is
+    0) such that keeping the `n` highest-tau nodes gives task loss <= target (assuming the loss
+    falls as nodes are added up to `limit`). Returns `n` and the evaluated `(n, loss)` points.
+    If even `limit` nodes miss the target, returns all nodes."""
     device = model.cfg.device
     calibrate = config.calibrate
     curve: dict[int, float] = {}
@@ -280,7 +314,7 @@ def _bisect(model, masker, data, order, registry: NodeRegistry, config: PruneCon
             curve[n] = calibrated_loss(pairs, data, cal)
         return curve[n]
 
-    lo, hi = 0, registry.n_nodes if limit is None else limit  # invariant: loss_at(hi) <= target
+    hi = registry.n_nodes if limit is None else limit  # invariant: loss_at(hi) <= target
     if loss_at(hi) > config.target_loss:
         return registry.n_nodes, sorted(curve.items())
     while hi - lo > 1:

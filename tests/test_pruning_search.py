@@ -1,5 +1,7 @@
 """The circuit-size search: the smallest prefix of the tau order that meets the target, exactly."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,3 +255,34 @@ def test_refine_leaves_a_circuit_no_single_node_can_leave(model, means):
     refined = prune(model, hand_task(), means=means, steps=150, batch_size=32, lr=0.02, refine=True,
                     progress=False)
     assert refined.node_ids == planted.node_ids and refined.solved  # nothing redundant to drop there
+
+
+def test_a_collapse_no_restart_recovers_is_scanned_exactly_up_to_a_bound_then_bisected(model, means, monkeypatch):
+    """When every attempt's mask misses the target (a collapse the restarts did not recover), the
+    exact scan tries prefixes up to `EXACT_NODES_AFTER_COLLAPSE` nodes and a bisection sizes the
+    circuit past that, with a warning. Here the planted nodes sit at positions 5.. of a collapsed
+    tau order (every tau < 0): the bisection finds the same circuit the exact scan does, and
+    `losses["optimised_mask"]` records the collapsed mask's loss."""
+    import sparse_lens.search as search
+
+    registry = NodeRegistry.for_model(model)
+    planted = prune(model, hand_task(), means=means, steps=150, batch_size=32, lr=0.02, progress=False)
+    assert planted.losses["optimised_mask"] <= planted.config.target_loss
+    others = [i for i in range(registry.n_nodes) if i not in planted.node_ids]
+    order = others[:5] + planted.node_ids + others[5:]
+    collapsed = torch.empty(registry.n_nodes)
+    collapsed[order] = -torch.linspace(0.1, 1.0, registry.n_nodes)  # descending along `order`
+    monkeypatch.setattr(search, "_optimise_taus", lambda *args: collapsed)
+    answer = 5 + len(planted.node_ids)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bound is above the answer: exact, no warning
+        exact = prune(model, hand_task(), means=means, progress=False)
+    assert exact.n_nodes == answer and exact.solved
+    assert exact.losses["optimised_mask"] > exact.config.target_loss  # nothing kept: chance
+
+    monkeypatch.setattr(search, "EXACT_NODES_AFTER_COLLAPSE", 3)
+    with pytest.warns(UserWarning, match="upper bound, not the smallest"):
+        bisected = prune(model, hand_task(), means=means, progress=False)
+    assert bisected.node_ids == exact.node_ids and bisected.solved
+    assert all(n > 3 for n, _ in bisected.bisection)  # the bisection looked past the scan's bound only
