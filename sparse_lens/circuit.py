@@ -197,14 +197,17 @@ class Circuit:
 
     def summary(self) -> dict:
         """One row for a table of circuits: task, nodes, edges, the target and the losses (task
-        loss, nats), seconds (nodes and edges are None when the full model misses the target)."""
+        loss, nats), seconds (nodes and edges are None when the full model misses the target),
+        and the optimised mask's task loss (over the target: its optimisation collapsed, see
+        `search`; None when nothing was optimised)."""
         missed = self.full_model_misses_target
         return dict(task=self.task, solved=False if missed else self.solved,
                     nodes=None if missed else self.n_nodes, edges=None if missed else self.n_edges,
                     target_loss=getattr(self.config, "target_loss", None),
                     full_model_loss=self.losses.get("full_model"),
                     circuit_loss=None if missed else self.losses.get("circuit"),
-                    seconds=round(self.seconds, 1))
+                    seconds=round(self.seconds, 1),
+                    optimised_mask_loss=self.losses.get("optimised_mask"))
 
     def __repr__(self) -> str:
         target = getattr(self.config, "target_loss", float("nan"))

@@ -97,7 +97,7 @@ def run_demo(
                           title=f"Circuits of {out_dir.resolve().name}")
     summary = summary.astype({"nodes": "Int64", "edges": "Int64"})  # None: no circuit
     # printed as before; the verification columns are in the returned table and summary.csv
-    print(summary.drop(columns=["ablated_loss", "random_loss"], errors="ignore").to_string(index=False))
+    print(summary.drop(columns=["ablated_loss", "random_loss", "optimised_mask_loss"], errors="ignore").to_string(index=False))
     print(f"report: {report.resolve()}  ({time.perf_counter() - start:.0f} s in all)")
     return summary, report
 

@@ -31,6 +31,7 @@ def test_rows_circuits_and_verification_of_each_task(tiny, tmp_path):
         assert row.ablated_loss == verification["circuit ablated"]
         assert row.random_loss == verification.iloc[-1]
         assert row.nodes == outcome.circuit.n_nodes
+        assert row.optimised_mask_loss == outcome.circuit.losses["optimised_mask"]  # a collapse shows
         assert outcome.report.startswith(repr(outcome.circuit)) and "circuit ablated" in outcome.report
         assert Circuit.load(tmp_path / row.task, model).n_nodes == row.nodes
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / SUMMARY_FILE), table)
@@ -39,7 +40,7 @@ def test_rows_circuits_and_verification_of_each_task(tiny, tmp_path):
 def test_a_task_the_full_model_misses_is_neither_searched_nor_verified(tiny, tmp_path):
     path, model, means = tiny
     table = prune_tasks(path, ["for_while"], PruneConfig(**CHEAP), out=tmp_path)  # target 0.15
-    assert not table.solved.iloc[0] and pd.isna(table.nodes.iloc[0])
+    assert not table.solved.iloc[0] and pd.isna(table.nodes.iloc[0]) and pd.isna(table.optimised_mask_loss.iloc[0])
     assert "ablated_loss" not in table.columns
     assert (tmp_path / "for_while" / "circuit.json").is_file()
 
