@@ -96,8 +96,9 @@ def run_demo(
     report = write_report(model, circuits, out_dir / "report.html", corpus_tokens=corpus.val,
                           title=f"Circuits of {out_dir.resolve().name}")
     summary = summary.astype({"nodes": "Int64", "edges": "Int64"})  # None: no circuit
-    # printed as before; the verification columns are in the returned table and summary.csv
-    print(summary.drop(columns=["ablated_loss", "random_loss", "optimised_mask_loss"], errors="ignore").to_string(index=False))
+    # with the held-out loss; the other columns are in the returned table and summary.csv
+    print(summary.drop(columns=["ablated_loss", "random_loss", "optimised_mask_loss"],
+                       errors="ignore").to_string(index=False))
     print(f"report: {report.resolve()}  ({time.perf_counter() - start:.0f} s in all)")
     return summary, report
 

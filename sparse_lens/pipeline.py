@@ -5,8 +5,9 @@ and a summary table. `sparse-lens prune`, the demo and the analyses all call `pr
 
 For each task, in order: `prune`, save the circuit in `out/<task>/`, verify it (unless `verify`
 is False, or the full model misses the target so there is no circuit), and make its row:
-`Circuit.summary()` plus, when verified, `ablated_loss` (the model with the circuit's nodes
-ablated) and `random_loss` (random node sets of the circuit's size). The rows are returned as a
+`Circuit.summary()` plus, when verified, `held_out_loss` (the circuit on the held-out test
+examples), `ablated_loss` (the model with the circuit's nodes ablated) and `random_loss` (random
+node sets of the circuit's size). The rows are returned as a
 DataFrame in task order and, with `out`, written to `out/summary.csv`.
 
 With `jobs=N` the tasks are pruned in N processes (or on N GPUs). The node means are computed
@@ -69,7 +70,8 @@ def prune_task(model, task: str, config, means, out: Path | None = None, verify:
     if verify and row["nodes"] is not None:
         table = circuit.verify(**({} if verify_n is None else {"n": verify_n})).set_index("condition")
         lines.append(table.round(4).to_string())
-        row.update(ablated_loss=table.loc["circuit ablated", "task_loss"],
+        row.update(held_out_loss=table.loc["circuit", "task_loss"],
+                   ablated_loss=table.loc["circuit ablated", "task_loss"],
                    random_loss=table.iloc[-1]["task_loss"])
     return TaskOutcome(task, row, "\n".join(lines), circuit)
 

@@ -28,6 +28,7 @@ def test_rows_circuits_and_verification_of_each_task(tiny, tmp_path):
                                        "full_model_loss", "circuit_loss", "seconds"]
     for outcome, row in zip(seen, table.itertuples()):
         verification = outcome.circuit.verification.set_index("condition").task_loss
+        assert row.held_out_loss == verification["circuit"]
         assert row.ablated_loss == verification["circuit ablated"]
         assert row.random_loss == verification.iloc[-1]
         assert row.nodes == outcome.circuit.n_nodes
