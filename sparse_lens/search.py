@@ -217,7 +217,7 @@ def _optimise_and_size(model, masker, train_data, eval_data, registry, config, f
                 f"{config.target_loss}); no prefix of its tau order up to {EXACT_NODES_AFTER_COLLAPSE} "
                 f"nodes passes, and a bisection sized the circuit at {n_kept} nodes: an upper bound, "
                 f"not the smallest. More restarts, restart_steps_scale > 1 or a lower k_coef may "
-                f"avoid the collapse.", stacklevel=2)
+                f"avoid the collapse.", stacklevel=4)  # at the caller of `pruning.prune`
     kept = order[:n_kept]
     if config.refine and not full_misses and config.ablation != "resample" and n_kept < registry.n_nodes:
         kept = drop_redundant(model, masker, eval_data, kept, registry, config.target_loss)
