@@ -9,18 +9,25 @@
    nodes the task needs, which no single node's gradient can bring back (the `wide` model's
    `indent_for`: 62 nodes kept at task loss 0.74). So when the optimised mask (`tau > 0`) misses
    the target on the evaluation examples, the optimisation starts again at a third of the
-   learning rate, up to `restarts` times;
+   learning rate, up to `restarts` times. That does not always help: Adam moves every node the
+   penalty alone pushes by the same step, so from one shared initial value they all cross zero in
+   the same step at any learning rate (on a mid-anneal `wide` snapshot, all three attempts
+   collapsed on two tasks). So if the last restart's mask misses the target too, one more
+   optimisation runs at `lr` from taus drawn from `init_tau + restart_init_spread * U(0, 1)`
+   (seeded): the nodes then cross zero one after another over about `restart_init_spread / lr`
+   steps, and as nodes drop, the task gradient holds up the ones the task comes to depend on.
+   If every attempt misses, the search goes on with the taus of the one whose mask came closest;
 3. order nodes by tau, and find the smallest number kept whose circuit has task loss at most
    `target_loss` on fixed evaluation examples: exactly, by trying every prefix of the tau order
    in turn (many at once, dropping each as soon as its loss is known to exceed the target;
    `scan.smallest_passing_prefix`), because the loss-vs-prefix curve is not monotone. If the
-   last attempt's mask still misses the target (the collapse outlived every restart), the order
+   closest attempt's mask still misses the target (the collapse outlived every restart), the order
    past its kept nodes is one the optimisation did not learn (thousands of taus tied at the
    clamp), the answer can be thousands of nodes, and trying every prefix up to it ran for over
    13 minutes on one task (the 40,000-step `wide` run's `indent_for`). Then the exact scan stops
    at `EXACT_NODES_AFTER_COLLAPSE` nodes and a bisection sizes the circuit past that, with a
    warning: such a circuit is an upper bound, not the smallest. `Circuit.losses["optimised_mask"]`
-   (the last attempt's mask's task loss) shows when that happened;
+   (that attempt's mask's task loss) shows when that happened;
 4. optionally (`refine=True`, not the paper's) drop the found circuit's nodes one at a time,
    lowest tau first, while it still meets the target on the evaluation examples, in passes
    until no single node can leave (`scan.drop_redundant`): the tau order is a ranking learned
@@ -74,6 +81,9 @@ class PruneConfig:
     grad_clip: float = 1.0
     restarts: int = 2  # re-optimise at lr / 3 when the optimised mask misses the target (step 2)
     restart_steps_scale: int = 1  # each restart runs this many times the previous attempt's steps
+    # if the last restart misses too: one more attempt from taus init_tau + spread * U(0, 1) (step 2);
+    # 0 = none
+    restart_init_spread: float = 0.9
     n_train: int = 512  # task examples to optimise on
     n_eval: int = 128  # fixed examples the bisection evaluates (train split, another seed)
     calibrate: bool = False
@@ -110,6 +120,9 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.sparse_kernels must be True, False or 'auto'; got {self.sparse_kernels!r}")
         if not -1.0 <= self.init_tau <= 1.0:
             raise ValueError(f"PruneConfig.init_tau must be in [-1, 1]; got {self.init_tau!r}")
+        if not 0.0 <= self.restart_init_spread <= 2.0:  # the taus are clamped to [-1, 1]
+            raise ValueError(f"PruneConfig.restart_init_spread must be in [0, 2]; "
+                             f"got {self.restart_init_spread!r}")
         try:
             check_mode(self.ablation)
         except ValueError as err:
@@ -189,17 +202,24 @@ def search_nodes(model, train_data, eval_data, means, config: PruneConfig) -> Se
 def _optimise_and_size(model, masker, train_data, eval_data, registry, config, full_misses):
     """Steps 2 and 3: `(tau, kept node ids in tau order, curve, the optimised mask's task loss
     on the evaluation examples)`."""
-    lr, steps = config.lr, config.steps
-    for attempt in range(1 + (0 if full_misses else config.restarts)):
-        if attempt:  # the mask collapsed past the target (module docstring, step 2): slower
-            lr /= 3
-            steps *= config.restart_steps_scale
-        tau = _optimise_taus(model, masker, train_data, registry,
-                             dataclasses.replace(config, lr=lr, steps=steps))
-        optimised = (tau > 0).float().to(model.cfg.device)
-        optimised_loss = pair_loss(final_logit_pairs(model, eval_data, masker, optimised))
+    attempts = [dict(lr=config.lr / 3 ** k, steps=config.steps * config.restart_steps_scale ** k)
+                for k in range(1, 1 + config.restarts)]
+    if config.restart_init_spread:  # the last resort: spread taus (module docstring, step 2)
+        attempts.append(dict(lr=config.lr, steps=attempts[-1]["steps"] if attempts else config.steps,
+                             spread=config.restart_init_spread))
+    if full_misses:  # the controls: nothing to restart for
+        attempts = []
+    tau = _optimise_taus(model, masker, train_data, registry, config)
+    optimised_loss = _hard_mask_loss(model, masker, eval_data, tau)
+    for attempt in attempts:  # while the mask collapsed past the target (module docstring, step 2)
         if optimised_loss <= config.target_loss:
             break
+        spread = attempt.pop("spread", 0.0)
+        retried = _optimise_taus(model, masker, train_data, registry, dataclasses.replace(config, **attempt),
+                                 spread=spread)
+        retried_loss = _hard_mask_loss(model, masker, eval_data, retried)
+        if retried_loss <= optimised_loss:  # if every attempt misses, size on the closest one's taus
+            tau, optimised_loss = retried, retried_loss
     order = torch.argsort(tau.detach().cpu(), descending=True, stable=True)
     if full_misses or config.ablation == "resample":
         # the controls' search within the optimised nodes; resampling needs the masker's own
@@ -211,24 +231,41 @@ def _optimise_and_size(model, masker, train_data, eval_data, registry, config, f
         n_kept, curve = _search(model, masker, eval_data, order, registry, config,
                                 exact_up_to=EXACT_NODES_AFTER_COLLAPSE if collapsed else None)
         if collapsed and n_kept > EXACT_NODES_AFTER_COLLAPSE:
+            spread_note = " and one from spread taus" if config.restart_init_spread else ""
             warnings.warn(
                 f"pruning {eval_data.name}: the optimised mask ({int((tau > 0).sum())} nodes) still misses "
-                f"the target after {config.restarts} restarts (task loss {optimised_loss:.3f} > "
+                f"the target after {config.restarts} restarts{spread_note} (task loss {optimised_loss:.3f} > "
                 f"{config.target_loss}); no prefix of its tau order up to {EXACT_NODES_AFTER_COLLAPSE} "
                 f"nodes passes, and a bisection sized the circuit at {n_kept} nodes: an upper bound, "
-                f"not the smallest. More restarts, restart_steps_scale > 1 or a lower k_coef may "
-                f"avoid the collapse.", stacklevel=4)  # at the caller of `pruning.prune`
+                f"not the smallest. More restarts, restart_steps_scale > 1, another seed or a lower "
+                f"k_coef may avoid the collapse.", stacklevel=4)  # at the caller of `pruning.prune`
     kept = order[:n_kept]
     if config.refine and not full_misses and config.ablation != "resample" and n_kept < registry.n_nodes:
         kept = drop_redundant(model, masker, eval_data, kept, registry, config.target_loss)
     return tau, kept, curve, optimised_loss
 
 
-def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneConfig) -> torch.Tensor:
-    """Step 2: learn one mask logit per node."""
+def _hard_mask_loss(model, masker, data, tau) -> float:
+    """Task loss on `data` of the mask `tau > 0`."""
+    return pair_loss(final_logit_pairs(model, data, masker, (tau > 0).float().to(model.cfg.device)))
+
+
+def initial_taus(registry: NodeRegistry, config: PruneConfig,
+                 spread: float = 0.0) -> Float[torch.Tensor, " n"]:
+    """[n_nodes] the taus an optimisation starts from: `init_tau + spread * U(0, 1)`, clamped to
+    [-1, 1], drawn from `config.seed` (spread 0: every tau at `init_tau`, the paper's)."""
+    tau = torch.full((registry.n_nodes,), float(config.init_tau))
+    if spread:
+        tau += spread * torch.rand(registry.n_nodes, generator=torch.Generator().manual_seed(config.seed))
+    return tau.clamp_(-1.0, 1.0)
+
+
+def _optimise_taus(model, masker, data, registry: NodeRegistry, config: PruneConfig,
+                   spread: float = 0.0) -> torch.Tensor:
+    """Step 2: learn one mask logit per node, from `initial_taus(registry, config, spread)`."""
     device = model.cfg.device
     gen = torch.Generator().manual_seed(config.seed)
-    tau = torch.full((registry.n_nodes,), config.init_tau, device=device, requires_grad=True)
+    tau = initial_taus(registry, config, spread).to(device).requires_grad_(True)
     opt = torch.optim.AdamW([tau], lr=config.lr, weight_decay=0.0)
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():

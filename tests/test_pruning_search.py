@@ -194,10 +194,12 @@ def test_a_bad_starting_order_corrects_itself_after_one_chunk():
     assert sum(asked) <= first_chunk + (answer - 4) * 8 + n_examples
 
 
-def test_a_collapsed_mask_is_optimised_again_more_slowly(model, means, monkeypatch):
+def test_a_collapsed_mask_is_optimised_again_more_slowly_then_from_spread_taus(model, means, monkeypatch):
     """When the optimised mask (tau > 0) misses the target on the evaluation examples (the
     collapse of `search`'s step 2), the optimisation restarts at a third of the learning rate,
-    up to `restarts` times, and the search sizes the circuit on the taus of the last attempt."""
+    up to `restarts` times; if the last restart misses too, once more at the first learning rate
+    from spread taus (`restart_init_spread`; 0: not at all). The search sizes the circuit on the
+    taus of the last attempt."""
     import sparse_lens.search as search
 
     registry = NodeRegistry.for_model(model)
@@ -205,28 +207,70 @@ def test_a_collapsed_mask_is_optimised_again_more_slowly(model, means, monkeypat
     collapsed = torch.full((registry.n_nodes,), -1.0)  # every node off: chance loss
     good = torch.full((registry.n_nodes,), -1.0)
     good[planted.node_ids] = 1.0
-    lrs, steps = [], []
+    calls, good_from = [], [3]
 
-    def optimise(model, masker, data, registry, config):
-        lrs.append(config.lr)
-        steps.append(config.steps)
-        return collapsed if len(lrs) < 3 else good
+    def optimise(model, masker, data, registry, config, spread=0.0):
+        calls.append((config.lr, config.steps, spread))
+        return collapsed if len(calls) < good_from[0] else good
 
     monkeypatch.setattr(search, "_optimise_taus", optimise)
     circuit = prune(model, hand_task(), means=means, lr=0.03, progress=False)
-    assert lrs == pytest.approx([0.03, 0.01, 0.01 / 3])
+    assert calls == [(0.03, 100, 0.0), (0.01, 100, 0.0), (pytest.approx(0.01 / 3), 100, 0.0)]
     assert circuit.node_ids == planted.node_ids and circuit.solved
-    lrs.clear()
-    prune(model, hand_task(), means=means, lr=0.03, restarts=1, progress=False)
-    assert lrs == pytest.approx([0.03, 0.01])  # no third attempt: its last taus are the collapsed ones
-    lrs.clear()
-    steps.clear()
-    prune(model, hand_task(), means=means, lr=0.03, steps=20, restart_steps_scale=3, progress=False)
-    assert steps == [20, 60, 180]  # each slower attempt is given the steps to travel as far
+    calls.clear()
+    good_from[0] = 4  # the restarts collapse too: the spread attempt, at the first lr, recovers
+    circuit = prune(model, hand_task(), means=means, lr=0.03, steps=20, restart_steps_scale=3, progress=False)
+    assert [c[1:] for c in calls] == [(20, 0.0), (60, 0.0), (180, 0.0), (180, 0.9)]
+    assert calls[-1][0] == 0.03 and circuit.node_ids == planted.node_ids and circuit.solved
+    calls.clear()
+    prune(model, hand_task(), means=means, lr=0.03, restarts=0, restart_init_spread=0.5, progress=False)
+    assert calls == [(0.03, 100, 0.0), (0.03, 100, 0.5)]
+    calls.clear()
+    prune(model, hand_task(), means=means, lr=0.03, restarts=1, restart_init_spread=0.0, progress=False)
+    assert calls == [(0.03, 100, 0.0), (0.01, 100, 0.0)]  # no third attempt
     with pytest.raises(ValueError, match="restarts"):
         PruneConfig(restarts=-1)
     with pytest.raises(ValueError, match="restart_steps_scale"):
         PruneConfig(restart_steps_scale=0)
+    for spread in (-0.5, 2.5):
+        with pytest.raises(ValueError, match="restart_init_spread"):
+            PruneConfig(restart_init_spread=spread)
+
+
+def test_when_every_attempt_misses_the_search_sizes_on_the_closest_one(model, means, monkeypatch):
+    """If no attempt's mask meets the target, the circuit is sized on the taus of the attempt
+    whose mask came closest (here the first restart's), not on the last one's."""
+    import sparse_lens.search as search
+
+    registry = NodeRegistry.for_model(model)
+    planted = prune(model, hand_task(), means=means, steps=150, batch_size=32, lr=0.02, progress=False)
+    attempts = [torch.full((registry.n_nodes,), -1.0) for _ in range(4)]
+    attempts[1][planted.node_ids] = 1.0  # the closest: its taus order the planted nodes first
+    mask_losses = [0.9, 0.5, 0.7, 0.6]  # what each attempt's mask scores on the evaluation examples
+    returned = list(attempts)
+    monkeypatch.setattr(search, "_optimise_taus", lambda *args, **kwargs: returned.pop(0))
+    monkeypatch.setattr(search, "_hard_mask_loss", lambda *args: mask_losses[3 - len(returned)])
+    circuit = prune(model, hand_task(), means=means, progress=False)
+    assert not returned and torch.equal(circuit.tau, attempts[1])
+    assert circuit.losses["optimised_mask"] == 0.5
+    assert circuit.node_ids == planted.node_ids and circuit.solved
+
+
+def test_spread_taus_are_seeded_and_lie_above_init_tau(model):
+    """`initial_taus`: every tau at `init_tau` without a spread (the paper's start); with one,
+    init_tau + spread * U(0, 1), clamped to [-1, 1]: the same draw for the same seed, another for
+    another seed."""
+    from sparse_lens.search import initial_taus
+
+    registry = NodeRegistry.for_model(model)
+    config = PruneConfig(init_tau=0.1, seed=3)
+    assert torch.equal(initial_taus(registry, config), torch.full((registry.n_nodes,), 0.1))
+    spread = initial_taus(registry, config, 0.5)
+    assert spread.shape == (registry.n_nodes,) and torch.equal(spread, initial_taus(registry, config, 0.5))
+    assert 0.1 <= float(spread.min()) and float(spread.max()) <= 0.6 and float(spread.std()) > 0.1
+    assert not torch.equal(spread, initial_taus(registry, PruneConfig(init_tau=0.1, seed=4), 0.5))
+    clamped = initial_taus(registry, PruneConfig(init_tau=0.9), 2.0)
+    assert float(clamped.max()) == 1.0 and float(clamped.min()) >= 0.9
 
 
 def test_refine_leaves_a_circuit_no_single_node_can_leave(model, means):
@@ -272,7 +316,7 @@ def test_a_collapse_no_restart_recovers_is_scanned_exactly_up_to_a_bound_then_bi
     order = others[:5] + planted.node_ids + others[5:]
     collapsed = torch.empty(registry.n_nodes)
     collapsed[order] = -torch.linspace(0.1, 1.0, registry.n_nodes)  # descending along `order`
-    monkeypatch.setattr(search, "_optimise_taus", lambda *args: collapsed)
+    monkeypatch.setattr(search, "_optimise_taus", lambda *args, **kwargs: collapsed)
     answer = 5 + len(planted.node_ids)
 
     with warnings.catch_warnings():
