@@ -202,21 +202,13 @@ def search_nodes(model, train_data, eval_data, means, config: PruneConfig) -> Se
 def _optimise_and_size(model, masker, train_data, eval_data, registry, config, full_misses):
     """Steps 2 and 3: `(tau, kept node ids in tau order, curve, the optimised mask's task loss
     on the evaluation examples)`."""
-    attempts = [dict(lr=config.lr / 3 ** k, steps=config.steps * config.restart_steps_scale ** k)
-                for k in range(1, 1 + config.restarts)]
-    if config.restart_init_spread:  # the last resort: spread taus (module docstring, step 2)
-        attempts.append(dict(lr=config.lr, steps=attempts[-1]["steps"] if attempts else config.steps,
-                             spread=config.restart_init_spread))
-    if full_misses:  # the controls: nothing to restart for
-        attempts = []
     tau = _optimise_taus(model, masker, train_data, registry, config)
     optimised_loss = _hard_mask_loss(model, masker, eval_data, tau)
-    for attempt in attempts:  # while the mask collapsed past the target (module docstring, step 2)
+    for lr, steps, spread in [] if full_misses else restart_schedule(config):  # the controls never restart
         if optimised_loss <= config.target_loss:
             break
-        spread = attempt.pop("spread", 0.0)
-        retried = _optimise_taus(model, masker, train_data, registry, dataclasses.replace(config, **attempt),
-                                 spread=spread)
+        retried = _optimise_taus(model, masker, train_data, registry,
+                                 dataclasses.replace(config, lr=lr, steps=steps), spread=spread)
         retried_loss = _hard_mask_loss(model, masker, eval_data, retried)
         if retried_loss <= optimised_loss:  # if every attempt misses, size on the closest one's taus
             tau, optimised_loss = retried, retried_loss
@@ -243,6 +235,19 @@ def _optimise_and_size(model, masker, train_data, eval_data, registry, config, f
     if config.refine and not full_misses and config.ablation != "resample" and n_kept < registry.n_nodes:
         kept = drop_redundant(model, masker, eval_data, kept, registry, config.target_loss)
     return tau, kept, curve, optimised_loss
+
+
+def restart_schedule(config: PruneConfig) -> list[tuple[float, int, float]]:
+    """`(lr, steps, spread)` of each attempt after the first, in the order they run while the
+    mask misses the target (module docstring, step 2): `restarts` at a third of the previous
+    learning rate, each with `restart_steps_scale` times the previous steps; then, unless
+    `restart_init_spread` is 0, one at `lr` from taus spread by it, with the last one's steps."""
+    attempts = [(config.lr / 3 ** k, config.steps * config.restart_steps_scale ** k, 0.0)
+                for k in range(1, 1 + config.restarts)]
+    if config.restart_init_spread:
+        last_steps = attempts[-1][1] if attempts else config.steps
+        attempts.append((config.lr, last_steps, config.restart_init_spread))
+    return attempts
 
 
 def _hard_mask_loss(model, masker, data, tau) -> float:

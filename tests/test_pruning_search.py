@@ -201,6 +201,7 @@ def test_a_collapsed_mask_is_optimised_again_more_slowly_then_from_spread_taus(m
     from spread taus (`restart_init_spread`; 0: not at all). The search sizes the circuit on the
     taus of the last attempt."""
     import sparse_lens.search as search
+    from sparse_lens.search import restart_schedule
 
     registry = NodeRegistry.for_model(model)
     planted = prune(model, hand_task(), means=means, steps=150, batch_size=32, lr=0.02, progress=False)
@@ -235,6 +236,9 @@ def test_a_collapsed_mask_is_optimised_again_more_slowly_then_from_spread_taus(m
     for spread in (-0.5, 2.5):
         with pytest.raises(ValueError, match="restart_init_spread"):
             PruneConfig(restart_init_spread=spread)
+    schedule = restart_schedule(PruneConfig(lr=0.03, steps=10, restart_steps_scale=2))
+    assert schedule == [(0.01, 20, 0.0), (pytest.approx(0.01 / 3), 40, 0.0), (0.03, 40, 0.9)]
+    assert restart_schedule(PruneConfig(restarts=0, restart_init_spread=0.0)) == []
 
 
 def test_when_every_attempt_misses_the_search_sizes_on_the_closest_one(model, means, monkeypatch):
