@@ -199,7 +199,7 @@ def test_a_collapsed_mask_is_optimised_again_more_slowly_then_from_spread_taus(m
     collapse of `search`'s step 2), the optimisation restarts at a third of the learning rate,
     up to `restarts` times; if the last restart misses too, once more at the first learning rate
     from spread taus (`restart_init_spread`; 0: not at all). The search sizes the circuit on the
-    taus of the last attempt."""
+    taus of the attempt that met the target."""
     import sparse_lens.search as search
     from sparse_lens.search import restart_schedule
 
