@@ -134,6 +134,17 @@ def test_every_shipped_preset_checkpoint_is_what_its_demo_would_train(name):
     assert table.nonzeros.sum() / table.numel.sum() < 1.15 * model.cfg.weight_l0
 
 
+def test_the_previous_wide_checkpoint_stays_shipped_for_the_results_commands():
+    """`results/` was measured on the 20,000-step `wide` checkpoint, shipped now as `wide-20k`
+    (its commands reproduce with `--sparse-model wide-20k`): the same weights as then."""
+    made = pretrained.provenance("wide-20k")
+    assert made["preset"] == "wide" and made["steps"] == 20000
+    assert made["weights_sha256"] == "e5c04aac8fd3e73b1d9f822d76d25f1f0182020e634e6b033350552089e09596"
+    model = pretrained.load("wide-20k")  # checks the weights against the recorded SHA-256
+    assert model.cfg.d_model == 384 and model.cfg.weight_l0 == 1 / 32
+    assert pretrained.provenance("wide")["steps"] > made["steps"]
+
+
 def test_the_demo_chooses_its_model(shipped_tiny, tmp_path, monkeypatch):
     root, _ = shipped_tiny
     monkeypatch.setattr(shipped, "PRETRAINED_DIR", root)

@@ -177,17 +177,21 @@ def quick_run(models_dir: Path, progress: bool) -> Path:
 def _plot(summary: pd.DataFrame):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(11, 4))
     solved_ax, loss_ax = fig.subplots(1, 2)
+    runs = sorted(summary.run.unique())
+    colour = {run: f"C{i % 10}" for i, run in enumerate(runs)}  # one colour per run, a line style per level
+    style = {"core": "-", "hard": "--", "corpus": ":"}
     for (run_name, level), rows in summary.groupby(["run", "level"]):
         rows = rows.sort_values("tokens")
-        label = f"{run_name} {level}"
-        solved_ax.plot(rows.tokens, rows.solved, marker="o", label=label)
-        loss_ax.plot(rows.tokens, rows.median_loss, marker="o", label=label)
+        look = dict(color=colour[run_name], ls=style.get(level, "-."), marker="o", ms=3,
+                    label=f"{run_name} {level}")
+        solved_ax.plot(rows.tokens, rows.solved, **look)
+        loss_ax.plot(rows.tokens, rows.median_loss, **look)
     solved_ax.set(xlabel="tokens trained", ylabel=f"tasks at loss <= {SOLVED_LOSS}",
                   title="tasks solved")
     loss_ax.axhline(SOLVED_LOSS, color="k", lw=0.8, ls=":")
     loss_ax.set(xlabel="tokens trained", ylabel="median task loss (nats)", yscale="log",
                 title="median task loss")
-    loss_ax.legend(fontsize=7)
+    loss_ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig
