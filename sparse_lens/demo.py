@@ -6,7 +6,8 @@
 
 The default is `wide`, the best model trained for the project (validation loss 2.7916 against
 2.9513 for the 20,000-step checkpoint it replaced, shipped as `wide-20k`, and `small`'s 3.2545;
-6 of the 20 core tasks at the paper's 0.15, as it, against 5; `results/learning_curves/`).
+6 of the 20 core tasks at the paper's 0.15, the same six as `wide-20k`, against `small`'s 5;
+`results/learning_curves/`).
 The model: a training run already in the run directory is loaded (an interrupted one resumes);
 else a model directory there (e.g. a copy of the shipped checkpoint) is reused; else, for the
 default settings (the preset's default steps), the checkpoint shipped for the preset
