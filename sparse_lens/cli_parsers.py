@@ -79,10 +79,10 @@ def add_demo_flags(d: argparse.ArgumentParser) -> None:
     d.add_argument("--preset", default=None,
                    help="wide (default) or small: the checkpoint shipped for it is used")
     d.add_argument("--steps", type=int, default=None,
-                   help="training steps (default: those of the shipped checkpoint, 40000 for wide)")
+                   help="training steps (default: those the shipped checkpoint records; the demo prints them)")
     d.add_argument("--retrain", action="store_true",
-                   help="train from scratch instead of copying the shipped checkpoint (40000 steps of "
-                   "wide: about 4.5 hours on 2 CPU cores); a training run already in --out is resumed "
+                   help="train from scratch instead of copying the shipped checkpoint (hours on 2 CPU "
+                   "cores; the demo prints its estimate); a training run already in --out is resumed "
                    "or reused")
     d.add_argument("--tasks", nargs="+", default=None, help="tasks to prune (default: four)")
     d.add_argument("--target-loss", type=float, default=None,
